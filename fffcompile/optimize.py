@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .compare import compare
+from .compare import compare, default_tolerance
 from .errors import InvalidModelError, UserError
 from .passes.confirm_module import run_original
 from .passes.module_frontend import rewrite_modules, set_submodule
@@ -114,7 +114,8 @@ def optimize(model: nn.Module, example_inputs, *, example_kwargs: Optional[dict]
         with torch.no_grad():
             optimized_out = _first_tensor(work(*inputs, **(example_kwargs or {})))
             hardened_out = _first_tensor(hardened(*inputs, **(example_kwargs or {})))
-        exact = compare(optimized_out, hardened_out, atol=1e-5 * max(1.0, float(hardened_out.abs().max())))
+        atol, rtol = default_tolerance(hardened_out.dtype)
+        exact = compare(optimized_out, hardened_out, atol=atol * max(1.0, float(hardened_out.abs().max())), rtol=rtol)
         report.model_check = {"exactness vs the hardened original": exact,
                               "fidelity vs the original": compare(optimized_out, _first_tensor(reference_out))}
         if not exact:

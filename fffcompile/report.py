@@ -32,8 +32,9 @@ class Fidelity:
 
     @property
     def trained_hard(self) -> bool:
-        """False when the layer was clearly never trained to be hard (hard != soft in substance)."""
-        return self.leaf_agreement >= 0.9 and self.rel_error_quantiles[0] <= 0.05
+        """False when the layer was clearly never trained to be hard: the hard leaf is often not the
+        soft form's heaviest, or carries on average less than half of the soft mixture."""
+        return self.leaf_agreement >= 0.8 and self.chosen_leaf_weight >= 0.5
 
     def summary(self) -> str:
         q = self.rel_error_quantiles

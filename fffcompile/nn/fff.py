@@ -64,11 +64,19 @@ class FFF(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, depth={self.depth}, "
                 f"leaf_width={self.leaf_width}, activation={self.activation!r}{master}")
 
+    def __getstate__(self):
+        # the last batch's statistics carry autograd history: never copied or pickled
+        state = self.__dict__.copy()
+        state["_aux"] = None
+        return state
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not self.train_hardened:
             y = self._soft(x)
         else:
+            if self.training and not is_tracing():
+                self._aux = None   # hard decisions: no statistics for the auxiliary losses
             y = torch.ops.fffcompile.leaf_mlp_tree(x, self.node_weight, self.node_bias, self.leaf_w1, self.leaf_b1,
                                                    self.leaf_w2, self.leaf_b2, self.activation, self.tie)
         if self.master_width:

@@ -4,8 +4,8 @@ Layers keep side statistics (for auxiliary losses) only in plain eager training;
 capture such a side effect would leak traced values or break the capture.
 """
 import torch
-from torch.fx._symbolic_trace import is_fx_tracing
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 
 def is_tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fx_tracing()
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fx_symbolic_tracing()

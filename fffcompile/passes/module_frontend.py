@@ -86,7 +86,7 @@ def rewrite_modules(model: nn.Module, example_inputs: tuple, example_kwargs: Opt
             where=where, form=spec.form_letter, depth=spec.depth, trees=spec.trees, d_in=spec.d_in, d_out=spec.d_out,
             source=spec.source, frontend="module", exactness=outcome.exactness, fidelity=fidelity,
             speedup_bound=spec.soft_macs() / spec.hard_macs(), description=spec.describe(),
-            warning=fidelity_warning(fidelity) if spec.source == "soft" else None,
+            warning=fidelity_warning(fidelity),
             notes=(f"confirmed against its {outcome.forward} with hardened decisions; read as {outcome.reading}",
                    *outcome.notes)))
     return model, rewritten, left, confirmations
