@@ -10,7 +10,7 @@ from torch import nn
 import fffcompile
 from fffcompile.nn import FFF, NeuronTree
 from fffcompile.runtime import FusedFFF
-from third_party import Block, DenseLookAlike, SoftTreeMixture, TinyTransformer, UltraFastBERTFFF
+from third_party import DenseLookAlike, ModuleListTree, SoftTreeMixture, TinyTransformer, UltraFastBERTFFF
 
 D = 16
 
@@ -145,3 +145,20 @@ def test_bad_arguments_are_user_errors():
         fffcompile.optimize(nn.Linear(4, 4), torch.randn(2, 5))
     with pytest.raises(fffcompile.UserError, match="unknown frontend"):
         fffcompile.optimize(nn.Linear(4, 4), torch.randn(2, 4), frontends=("onnx",))
+
+
+@pytest.mark.parametrize("threshold", [False, True])
+def test_modulelist_tree_with_python_descent_is_read_by_stacking_siblings(threshold):
+    layer = ModuleListTree(D, D, depth=3, hidden=6, threshold=threshold)
+    model = TinyTransformer(D, [layer]).eval()
+    x = torch.randn(3, 4, D)
+    with pytest.raises(Exception):
+        torch.export.export(model, (x,))           # the per-row descent defeats capture
+    fast = fffcompile.optimize(model, x)
+    (entry,) = fast.report.rewritten
+    assert (entry.form, entry.depth, entry.frontend) == ("A", 3, "module")
+    assert fast.blocks[0].ff.activation == "gelu"
+    for batch, seq in [(3, 4), (1, 1), (6, 2)]:
+        v = torch.randn(batch, seq, D)
+        with torch.no_grad():
+            assert rel_err(fast(v), model(v)) < 1e-4   # its eval forward is the hard descent (tie > 0)

@@ -147,3 +147,42 @@ class TinyTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x.mean(1))
+
+
+class ModuleListTree(nn.Module):
+    """An FFF written with ModuleLists: one Linear(d, 1) router per node, one small MLP per leaf.
+
+    Training forward: soft, node by node. Eval forward: a per-row Python descent (no graph
+    capture can follow it). ``threshold``: go right when the router output exceeds a learned
+    per-node threshold instead of 0.
+    """
+
+    def __init__(self, d, out, depth=3, hidden=6, threshold=False, activation=nn.GELU):
+        super().__init__()
+        self.depth = depth
+        self.routers = nn.ModuleList(nn.Linear(d, 1) for _ in range(2 ** depth - 1))
+        self.leaves = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), activation(), nn.Linear(hidden, out))
+                                    for _ in range(2 ** depth))
+        self.threshold = nn.Parameter(torch.randn(2 ** depth - 1) * 0.3) if threshold else None
+
+    def _logit(self, node, x):
+        z = self.routers[node](x).squeeze(-1)
+        return z - self.threshold[node] if self.threshold is not None else z
+
+    def forward(self, x):
+        if not self.training:
+            rows = []
+            for row in x.reshape(-1, x.shape[-1]):
+                node = 0
+                for _ in range(self.depth):
+                    node = 2 * node + (2 if self._logit(node, row) > 0 else 1)
+                rows.append(self.leaves[node - (2 ** self.depth - 1)](row))
+            return torch.stack(rows).reshape(*x.shape[:-1], -1)
+        mix = [torch.ones_like(x[..., 0])]
+        for level in range(self.depth):
+            nxt = []
+            for k, weight in enumerate(mix):
+                p = torch.sigmoid(self._logit(2 ** level - 1 + k, x))
+                nxt += [weight * (1 - p), weight * p]
+            mix = nxt
+        return sum(w.unsqueeze(-1) * leaf(x) for w, leaf in zip(mix, self.leaves))

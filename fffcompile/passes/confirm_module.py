@@ -99,9 +99,7 @@ def _hardened_outputs(module, probes, training, forward_name, d_out, seed):
 
 
 def confirm(module: nn.Module, calls: Calls, seed: int = 0) -> Union[Confirmed, Refused]:
-    if not calls.single_tensor_calls:
-        return Refused("it is called with arguments other than one tensor (or returns more than one); "
-                       "the fused module takes x alone")
+    """Confirm ``module``, every recorded call of which was module(x) -> y (``Calls.single_tensor_calls``)."""
     inputs = [a[0] for a in calls.args]
     if not inputs[0].is_floating_point():
         return Refused(f"its input is {inputs[0].dtype}, not floating point")

@@ -1,9 +1,12 @@
 """The module frontend: replace confirmed FFF submodules of a model with ``FusedFFF``.
 
-1. candidates: the smallest submodules whose tensors fit an FFF signature
-   (``module_signatures.looks_like_fff``); a module whose descendant is a candidate is not one;
+1. candidates: submodules whose tensors fit an FFF signature (``module_signatures.looks_like_fff``),
+   innermost first;
 2. one forward of the model on the example inputs records what each candidate receives;
-3. each candidate is confirmed by numbers (``confirm_module.confirm``);
+3. each candidate called as module(x) is confirmed by numbers (``confirm_module.confirm``); its
+   outcome, rewrite or refusal, settles its ancestors too (a block holding a tree is not another
+   tree). A candidate never called as module(x) (a ModuleList of routers, say) leaves the
+   question to the enclosing candidate;
 4. confirmed ones are swapped, in the copy of the model that optimize() works on, for a
    ``FusedFFF`` of their spec; the rest are reported with their reason.
 
@@ -13,7 +16,7 @@ for all others. It never rewrites on a name: only shapes propose and only number
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import nn
 
@@ -26,24 +29,19 @@ from .record_inputs import record_calls
 
 
 def find_candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Smallest submodules (by qualified name) whose tensors fit an FFF signature."""
-    candidates: dict[str, nn.Module] = {}
+    """Submodules (by qualified name, innermost first) whose tensors fit an FFF signature."""
+    return {name: module for name, module in _post_order(model, "")
+            if not isinstance(module, FusedFFF) and looks_like_fff(module)}
 
-    def visit(name: str, module: nn.Module) -> bool:
-        below = False
-        for child_name, child in module.named_children():
-            below |= visit(f"{name}.{child_name}" if name else child_name, child)
-        if below:
-            return True
-        if isinstance(module, FusedFFF):
-            return True
-        if looks_like_fff(module):
-            candidates[name] = module
-            return True
-        return False
 
-    visit("", model)
-    return candidates
+def _post_order(module: nn.Module, name: str):
+    for child_name, child in module.named_children():
+        yield from _post_order(child, f"{name}.{child_name}" if name else child_name)
+    yield name, module
+
+
+def _inside(name: str, ancestor: str) -> bool:
+    return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
 
 
 def set_submodule(model: nn.Module, name: str, replacement: nn.Module) -> nn.Module:
@@ -56,19 +54,27 @@ def set_submodule(model: nn.Module, name: str, replacement: nn.Module) -> nn.Mod
 
 
 def rewrite_modules(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[dict] = None,
-                    min_leaf_agreement: Optional[float] = None, seed: int = 0,
-                    on_confirmed: Optional[Callable[[str, Confirmed], None]] = None):
+                    min_leaf_agreement: Optional[float] = None, seed: int = 0):
     """Rewrite ``model`` in place; returns (model, rewritten entries, left entries, confirmations by name)."""
     candidates = find_candidates(model)
     rewritten, left, confirmations = [], [], {}
     if not candidates:
         return model, rewritten, left, confirmations
     calls = record_calls(model, example_inputs, candidates, example_kwargs)
+    settled: list[str] = []     # candidates whose outcome covers their ancestors too
+    unreached: dict[str, Left] = {}
     for name, module in candidates.items():
+        if any(_inside(done, name) for done in settled):
+            continue        # an FFF below was decided (a block holding a rewritten or refused tree)
         where = name or "(the model itself)"
-        if not calls[name].args:
-            left.append(Left(where, "it fits an FFF by shape but the example inputs never reach it"))
+        if not calls[name].single_tensor_calls:
+            # not called as module(x): the tree may be assembled by an enclosing module; let it try
+            why = ("it fits an FFF by shape but the example inputs never reach it" if not calls[name].args else
+                   "it is called with arguments other than one tensor (or returns more than one); "
+                   "the fused module takes x alone")
+            unreached[name] = Left(where, why)
             continue
+        settled.append(name)
         outcome = confirm(module, calls[name], seed=seed)
         if not isinstance(outcome, Confirmed):
             left.append(Left(where, outcome.reason, outcome.near_miss))
@@ -80,8 +86,6 @@ def rewrite_modules(model: nn.Module, example_inputs: tuple, example_kwargs: Opt
             continue
         model = set_submodule(model, name, FusedFFF(spec, where=where))
         confirmations[name] = outcome
-        if on_confirmed:
-            on_confirmed(name, outcome)
         rewritten.append(Rewritten(
             where=where, form=spec.form_letter, depth=spec.depth, trees=spec.trees, d_in=spec.d_in, d_out=spec.d_out,
             source=spec.source, frontend="module", exactness=outcome.exactness, fidelity=fidelity,
@@ -89,4 +93,5 @@ def rewrite_modules(model: nn.Module, example_inputs: tuple, example_kwargs: Opt
             warning=fidelity_warning(fidelity),
             notes=(f"confirmed against its {outcome.forward} with hardened decisions; read as {outcome.reading}",
                    *outcome.notes)))
+    left += [entry for name, entry in unreached.items() if not any(_inside(name, done) for done in settled)]
     return model, rewritten, left, confirmations
