@@ -16,6 +16,13 @@ from .spec import FFFSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "FFFSpec", "Report", "Rewritten", "Left", "Fidelity", "Comparison", "compare",
+
+def export(model, example_inputs, path, **options):
+    """Export ``model`` with its FFF layers fused to an ONNX file (``fffcompile.onnx.export.export``)."""
+    from .onnx.export import export as _export
+    return _export(model, example_inputs, path, **options)
+
+
+__all__ = ["optimize", "export", "FFFSpec", "Report", "Rewritten", "Left", "Fidelity", "Comparison", "compare",
            "FFFCompileError", "UserError", "InvalidSpecError", "InvalidModelError", "MissingDependencyError",
            "VerificationError", "InternalError"]

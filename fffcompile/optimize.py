@@ -110,7 +110,7 @@ def optimize(model: nn.Module, example_inputs, *, example_kwargs: Optional[dict]
         hardened = copy.deepcopy(model)
         for name, outcome in confirmations.items():
             original = hardened.get_submodule(name) if name else hardened
-            hardened = set_submodule(hardened, name, _HardenedOriginal(original, outcome.forward == "training forward"))
+            hardened = set_submodule(hardened, name, _HardenedOriginal(original, outcome.forward != "eval forward"))
         with torch.no_grad():
             optimized_out = _first_tensor(work(*inputs, **(example_kwargs or {})))
             hardened_out = _first_tensor(hardened(*inputs, **(example_kwargs or {})))

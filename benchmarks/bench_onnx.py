@@ -1,0 +1,162 @@
+"""ONNX Runtime benchmark: the rewritten file against the original soft file and the dense layer's file.
+
+UltraFastBERT 1x11 shape by default (one neuron tree of depth 11: 4095 neurons, 12 used per
+token; d = 768; GELU; tie "gt"). Three files, built here in the same run:
+
+- soft: an UltraFastBERT-style layer (linear_in over every neuron, GELU, a 0/1 path mask built
+  with gather/scatter under no_grad, linear_out) exported by torch's dynamo exporter;
+- dense: Linear(768, 4095) -> GELU -> Linear(4095, 768), the feedforward layer of the same
+  training width, exported the same way;
+- fffcompile: one NeuronTree node (``fff_node``) holding the soft layer's weights, with its
+  standard-op function body.
+
+The fffcompile file must equal the soft file (form B's training graph is already hard); the run
+stops otherwise. Each file runs in ONNX Runtime (CPU, ``--threads`` intra-op threads, 1 by
+default, sequential execution) on the same inputs, interleaved, ``--rounds`` rounds; the table
+reports the best round's time per call and the ratios soft/fffcompile and dense/fffcompile.
+
+    python benchmarks/bench_onnx.py [--batches 1 128 4096] [--threads 1] [--rounds 15]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fffcompile.onnx import fff_node, insert_fff_nodes  # noqa: E402
+from fffcompile.spec import FFFSpec  # noqa: E402
+
+
+class UltraFastBERTLayer(nn.Module):
+    """The published UltraFastBERT training forward: every neuron computed, masked to the hard paths."""
+
+    def __init__(self, width: int, depth: int, trees: int):
+        super().__init__()
+        self.width, self.depth, self.trees = width, depth, trees
+        self.n_nodes = 2 ** (depth + 1) - 1
+        self.linear_in = nn.Linear(width, trees * self.n_nodes)
+        self.linear_out = nn.Linear(trees * self.n_nodes, width, bias=False)
+        self.activation = nn.GELU()
+
+    def forward(self, x):
+        flat = x.reshape(-1, self.width)
+        rows = flat.shape[0]
+        logits = self.linear_in(flat)
+        decisions = (logits > 0).long().view(rows, self.trees, self.n_nodes)
+        activations = self.activation(logits).view(rows, self.trees, self.n_nodes)
+        with torch.no_grad():
+            current = torch.zeros((rows, self.trees), dtype=torch.long, device=x.device)
+            mask = torch.zeros_like(activations)
+            mask.scatter_(2, current.unsqueeze(-1), 1.0)
+            for level in range(self.depth):
+                moves = torch.gather(decisions, 2, current.unsqueeze(2)).squeeze(2)
+                current = (current - (2 ** level - 1)) * 2 + moves + (2 ** (level + 1) - 1)
+                mask.scatter_(2, current.unsqueeze(-1), 1.0)
+        out = self.linear_out((activations * mask).flatten(1, 2))
+        return out.reshape(*x.shape[:-1], self.width)
+
+    def spec(self) -> FFFSpec:
+        w_in, b_in = self.linear_in.weight.detach(), self.linear_in.bias.detach()
+        w_out = self.linear_out.weight.detach().T.reshape(self.trees, self.n_nodes, self.width)
+        return FFFSpec("neuron_tree", self.depth, "gelu", node_weight=w_in.reshape(self.trees, self.n_nodes, self.width),
+                       node_bias=b_in.reshape(self.trees, self.n_nodes), out_weight=w_out.contiguous(),
+                       out_bias=torch.zeros(self.width), tie="gt", source="hard")
+
+
+def dense_layer(width: int, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+
+def export_torch(module: nn.Module, width: int, path: str) -> str:
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), (torch.randn(2, width),), path, dynamo=True, input_names=["x"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    return path
+
+
+def rewritten_file(spec: FFFSpec, path: str) -> str:
+    graph = helper.make_graph([], "fffcompile", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", spec.d_in])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", spec.d_out])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(insert_fff_nodes(model, [fff_node(spec, "x", "y", name="fff")]), path)
+    return path
+
+
+def session(path: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def time_call(s: ort.InferenceSession, feed: dict, budget: float) -> float:
+    """Seconds per call: as many calls as fit in ``budget`` seconds (at least 1), after one warm-up call."""
+    s.run(None, feed)
+    calls, start = 0, time.perf_counter()
+    while True:
+        s.run(None, feed)
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget:
+            return elapsed / calls
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--depth", type=int, default=11)
+    parser.add_argument("--trees", type=int, default=1)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 128, 4096])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--budget", type=float, default=0.05, help="seconds of calls per file, batch and round")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    soft = UltraFastBERTLayer(args.width, args.depth, args.trees)
+    hidden = args.trees * soft.n_nodes
+    with tempfile.TemporaryDirectory() as workdir:
+        files = {"fffcompile": rewritten_file(soft.spec(), os.path.join(workdir, "fffcompile.onnx")),
+                 "soft": export_torch(soft, args.width, os.path.join(workdir, "soft.onnx")),
+                 "dense": export_torch(dense_layer(args.width, hidden), args.width, os.path.join(workdir, "dense.onnx"))}
+        sessions = {name: session(path, args.threads) for name, path in files.items()}
+
+    rng = np.random.default_rng(args.seed)
+    check = {"x": rng.standard_normal((256, args.width)).astype(np.float32)}
+    ours, theirs = sessions["fffcompile"].run(None, check)[0], sessions["soft"].run(None, check)[0]
+    error = float(np.abs(ours - theirs).max() / max(1.0, np.abs(theirs).max()))
+    if not error < 1e-4:
+        print(f"the fffcompile file differs from the soft file (max rel. error {error:.3g}); not benchmarking")
+        return 1
+
+    print(f"ONNX Runtime {ort.__version__}, {args.threads} thread(s); {args.trees}x{args.depth} neuron tree, "
+          f"width {args.width}, {hidden} neurons ({args.trees * (args.depth + 1)} used per row); "
+          f"fffcompile == soft to {error:.1e}; best of {args.rounds} rounds")
+    print(f"{'batch':>6} {'fffcompile':>12} {'soft':>12} {'dense':>12} {'soft/fff':>9} {'dense/fff':>10}")
+    for batch in args.batches:
+        feed = {"x": rng.standard_normal((batch, args.width)).astype(np.float32)}
+        best = {name: float("inf") for name in sessions}
+        for _ in range(args.rounds):
+            for name, s in sessions.items():
+                best[name] = min(best[name], time_call(s, feed, args.budget))
+        f, s_, d = best["fffcompile"], best["soft"], best["dense"]
+        print(f"{batch:>6} {f * 1e6:>10.1f}us {s_ * 1e6:>10.1f}us {d * 1e6:>10.1f}us {s_ / f:>8.1f}x {d / f:>9.1f}x",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
