@@ -13,6 +13,9 @@ launcher such as TensorRT's ahead-of-time plugin passes exactly the declared arg
 kernel uses no scratch memory (sizes 0 in Triton's metadata) and the PTX body never names
 them; both are checked, and the result is refused otherwise.
 
+Triton's interpreter (TRITON_INTERPRET=1) replaces the kernels by interpreted functions that
+cannot be compiled: generate PTX in a process without it.
+
 Only PTX is produced here (ptxas is the next stage, and the tests run the ptxas that ships
 with Triton on the result). The PTX is specific to ``arch`` (sm_90 PTX is emitted as sm_90a:
 it loads on that architecture only); build it for the GPU the engine will run on.
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
 
 from ..errors import InternalError
 from .triton_kernels import LeafMLPConfig, NeuronTreeConfig, leaf_mlp_tree_kernel, neuron_tree_kernel
@@ -65,6 +69,9 @@ def _pointer_type(dtype: torch.dtype) -> str:
 
 
 def _compile(kernel, tensors: list[str], pointer: str, constexprs: dict, arch: int) -> CompiledKernel:
+    if not isinstance(kernel, JITFunction):
+        raise InternalError("PTX cannot be generated in a process where TRITON_INTERPRET=1 was set before triton "
+                            "was imported (the kernels are interpreted functions there); unset it")
     signature = {name: ("constexpr" if name in constexprs else pointer) for name in tensors}
     signature.update({"rows": "i32", "y_ptr": pointer})
     signature.update({name: "constexpr" for name in constexprs if name not in signature})
