@@ -52,6 +52,9 @@ except ImportError as error:
     raise MissingDependencyError(
         f"TensorRT's Python package with tensorrt.plugin is not importable ({error}); on a machine with an NVIDIA "
         "GPU: pip install 'tensorrt>=10.8' (see docs/tensorrt.md)") from error
+if not hasattr(trtp, "aot_impl"):
+    raise MissingDependencyError(f"TensorRT {trt.__version__} has no tensorrt.plugin.aot_impl (ahead-of-time Python "
+                                 "plugins); pip install 'tensorrt>=10.8'")
 try:
     import torch
     import triton  # noqa: F401
