@@ -1,7 +1,13 @@
 import os
 import sys
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The switch is read
+# when triton's own @jit functions are defined, so it must be set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -1,7 +1,9 @@
 """Lowerings of the fused op: the module that runs it and the kernels registered against it.
 
-Optional GPU backends (triton, tensorrt) are imported lazily, never here.
+Optional GPU backends (triton, tensorrt) are imported lazily, never here: ``cuda_dispatch``
+registers the ops' CUDA implementation and imports triton on the first call with CUDA tensors.
 """
+from . import cuda_dispatch  # noqa: F401  (registers the CUDA kernels of torch.ops.fffcompile.*)
 from .fused_module import FusedFFF
 
 __all__ = ["FusedFFF"]
