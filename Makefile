@@ -8,10 +8,11 @@ PIP_FLAGS ?=
 
 .PHONY: demo test bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile scripts/install-tensorrt-rtx.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install $(PIP_FLAGS) --quiet -e ".[test]"
+	bash scripts/install-tensorrt-rtx.sh $(PY) $(PIP_FLAGS)
 	touch $@
 
 demo: $(VENV)/.installed

@@ -140,7 +140,9 @@ def test_node_contract_structure():
     assert ops <= {"Flatten", "Pad", "Concat", "Unsqueeze", "Slice", "Gemm", "GreaterOrEqual", "Greater", "Where",
                    "MatMul", "ArgMax", "Add", "Mul", "Gather", "ReduceSum", "Div", "Erf", "Shape", "Reshape", "Constant"}
     linear = fff_model(make_spec(depth=2, linear_leaves=True))
-    assert len([n for n in linear.graph.node if n.domain == DOMAIN][0].input) == 5
+    (linear_node,) = [n for n in linear.graph.node if n.domain == DOMAIN]
+    assert (linear_node.op_type, len(linear_node.input)) == ("LeafLinearTree", 5)
+    assert [f.name for f in linear.functions] == ["LeafLinearTree"]
 
 
 def test_trt_target_carries_the_plugin_attributes():

@@ -1,6 +1,6 @@
 """fffcompile's ONNX lowering: the fused FFF node, its standard-op body, torch export, ORT verification.
 
-- ``contract``: the node contract (domain ``fffcompile`` v1, ``LeafMLPTree`` / ``NeuronTree``).
+- ``contract``: the node contract (domain ``fffcompile`` v1, ``LeafMLPTree`` / ``LeafLinearTree`` / ``NeuronTree``).
 - ``function_body.build_function``: the standard-op descent as a model-local function.
 - ``node.fff_node`` and ``attach.insert_fff_nodes`` / ``attach.attach_functions``: put nodes in a model.
 - ``export.export`` (also ``fffcompile.export``): torch model -> ONNX file with fused nodes.
@@ -10,7 +10,7 @@
 Importing this package does not import onnxscript or torch's exporter; ``export`` does.
 """
 from .attach import attach_functions, fff_configurations, insert_fff_nodes
-from .contract import DOMAIN, LEAF_MLP_TREE, NEURON_TREE, NodeConfig
+from .contract import DOMAIN, LEAF_LINEAR_TREE, LEAF_MLP_TREE, NEURON_TREE, NodeConfig
 from .files import load_model, save_model_atomic
 from .function_body import build_function
 from .harden import harden_sigmoids
@@ -24,6 +24,6 @@ def export(model, example_inputs, path, **options):
     return _export(model, example_inputs, path, **options)
 
 
-__all__ = ["DOMAIN", "LEAF_MLP_TREE", "NEURON_TREE", "NodeConfig", "FFFNode", "fff_node", "insert_fff_nodes",
+__all__ = ["DOMAIN", "LEAF_MLP_TREE", "LEAF_LINEAR_TREE", "NEURON_TREE", "NodeConfig", "FFFNode", "fff_node", "insert_fff_nodes",
            "attach_functions", "fff_configurations", "build_function", "harden_sigmoids", "verify_models",
            "ModelVerification", "generate_inputs", "load_inputs", "load_model", "save_model_atomic", "export"]

@@ -4,8 +4,12 @@ One node per FFF, in domain ``fffcompile`` version 1 (the model imports ``("fffc
 
 - ``LeafMLPTree`` (FORMS.md form A; form C's master branch and blend stay ordinary ops around it)
   inputs  X (..., d_in), node_weight (N, d_in), node_bias (N,), leaf_w1 (L, d_in, l), leaf_b1 (L, l),
-          and leaf_w2 (L, l, d_out), leaf_b2 (L, d_out) unless the leaves are linear (then 5 inputs);
+          leaf_w2 (L, l, d_out), leaf_b2 (L, d_out);
   output  Y (..., d_out);  N = 2^D - 1 routing nodes, L = 2^D leaves, heap order.
+- ``LeafLinearTree`` (form A with single-linear leaves, y = act(x W1_j + b1_j))
+  inputs  X, node_weight, node_bias, leaf_w1 (L, d_in, d_out), leaf_b1 (L, d_out); output Y (..., d_out).
+  Its own op_type because a TensorRT plugin has a fixed number of inputs and the parser binds a
+  node to a plugin by op_type alone.
 - ``NeuronTree`` (form B)
   inputs  X (..., d_in), node_weight (P, n, d_in), node_bias (P, n), out_weight (P, n, d_out), out_bias (d_out,);
   output  Y (..., d_out);  n = 2^(D+1) - 1 neurons per tree, P trees, tree-major.
@@ -16,7 +20,7 @@ plugin bound to the node receives them as its inputs. Attributes:
 - ``depth`` (int), ``activation`` (string, one of ``FFFSpec`` activations), ``tie`` ("ge": go
   right when z >= 0; "gt": when z > 0);
 - with target "trt" also ``plugin_namespace="fffcompile"`` and ``plugin_version="1"``: TensorRT's
-  ONNX parser binds the plugin ``fffcompile::LeafMLPTree`` (or ``NeuronTree``) by op_type and
+  ONNX parser binds the plugin ``fffcompile::<op_type>`` by op_type and
   these attributes, and a registered plugin takes precedence over the model-local function.
 
 Every node carries ``overload`` = ``NodeConfig.overload`` and the model carries a model-local
@@ -49,8 +53,10 @@ from ..spec import ACTIVATIONS, TIES, FFFSpec
 DOMAIN = "fffcompile"
 DOMAIN_VERSION = 1
 LEAF_MLP_TREE = "LeafMLPTree"
+LEAF_LINEAR_TREE = "LeafLinearTree"
 NEURON_TREE = "NeuronTree"
-OP_TYPES = (LEAF_MLP_TREE, NEURON_TREE)
+OP_TYPES = (LEAF_MLP_TREE, LEAF_LINEAR_TREE, NEURON_TREE)
+LEAF_OP_TYPES = (LEAF_MLP_TREE, LEAF_LINEAR_TREE)
 TARGETS = ("onnx", "trt")
 PLUGIN_NAMESPACE = "fffcompile"
 PLUGIN_VERSION = "1"
@@ -81,13 +87,16 @@ def torch_dtype(elem_type: int) -> torch.dtype:
 class NodeConfig:
     """Everything a function body depends on; two nodes with equal configs share one function."""
 
-    op_type: str            # LEAF_MLP_TREE or NEURON_TREE
+    op_type: str            # one of OP_TYPES
     depth: int
     activation: str
     tie: str
     dtype: int              # ONNX element type of X and the weights
     trees: int = 1          # P (NeuronTree only)
-    linear_leaves: bool = False
+
+    @property
+    def linear_leaves(self) -> bool:
+        return self.op_type == LEAF_LINEAR_TREE
 
     def __post_init__(self):
         if self.op_type not in OP_TYPES:
@@ -109,8 +118,6 @@ class NodeConfig:
         if self.op_type == NEURON_TREE:
             parts.append(f"p{self.trees}")
         parts += [self.activation, self.tie]
-        if self.linear_leaves:
-            parts.append("linear")
         parts.append(_DTYPE_TAG[self.dtype])
         return "_".join(parts)
 
@@ -124,8 +131,8 @@ class NodeConfig:
     def from_spec(spec: FFFSpec) -> "NodeConfig":
         """The configuration of ``spec``'s tree part (a master leaf is not part of the node)."""
         if spec.form == "leaf_mlp":
-            return NodeConfig(LEAF_MLP_TREE, spec.depth, spec.activation, spec.tie, onnx_dtype(spec.dtype),
-                              linear_leaves=spec.linear_leaves)
+            return NodeConfig(LEAF_LINEAR_TREE if spec.linear_leaves else LEAF_MLP_TREE, spec.depth, spec.activation,
+                              spec.tie, onnx_dtype(spec.dtype))
         return NodeConfig(NEURON_TREE, spec.depth, spec.activation, spec.tie, onnx_dtype(spec.dtype),
                           trees=spec.trees)
 
@@ -166,12 +173,9 @@ def config_of_node(node: onnx.NodeProto, weight_dtype: int, trees: Optional[int]
     if depth is None or activation is None or tie is None:
         raise InvalidModelError(f"fffcompile node {node.name or node.output[0]!r} lacks one of the attributes "
                                 f"depth, activation, tie")
-    if node.op_type == LEAF_MLP_TREE:
-        if len(node.input) not in (5, 7):
-            raise InvalidModelError(f"LeafMLPTree node {node.name or node.output[0]!r} has {len(node.input)} inputs; "
-                                    f"the contract has 5 (linear leaves) or 7")
-        return NodeConfig(LEAF_MLP_TREE, int(depth), activation, tie, weight_dtype, linear_leaves=len(node.input) == 5)
-    if len(node.input) != 5:
-        raise InvalidModelError(f"NeuronTree node {node.name or node.output[0]!r} has {len(node.input)} inputs; "
-                                f"the contract has 5")
-    return NodeConfig(NEURON_TREE, int(depth), activation, tie, weight_dtype, trees=int(trees or 1))
+    config = NodeConfig(node.op_type, int(depth), activation, tie, weight_dtype,
+                        trees=int(trees or 1) if node.op_type == NEURON_TREE else 1)
+    if len(node.input) != len(config.input_names):
+        raise InvalidModelError(f"{node.op_type} node {node.name or node.output[0]!r} has {len(node.input)} inputs; "
+                                f"the contract has {len(config.input_names)}")
+    return config

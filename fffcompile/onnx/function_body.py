@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .contract import DOMAIN, LEAF_MLP_TREE, MIN_OPSET, NodeConfig
+from .contract import DOMAIN, LEAF_OP_TYPES, MIN_OPSET, NodeConfig
 
 TOP_BLOCK_LEVELS = 5
 
@@ -171,7 +171,7 @@ def _top_block(body: _Body, xa: str, wa: str, config: NodeConfig, levels: int, t
 
 def _augmented_nodes(body: _Body, node_weight: str, node_bias: str, config: NodeConfig) -> str:
     """Wa = [W, b]: (N, d_in + 1) for form A, (P n, d_in + 1) for form B (folded at session build)."""
-    if config.op_type == LEAF_MLP_TREE:
+    if config.op_type in LEAF_OP_TYPES:
         weight, bias = node_weight, body.unsqueeze(node_bias, 1)
     else:
         weight = body.op("Flatten", node_weight, axis=2)
@@ -260,7 +260,7 @@ def build_function(config: NodeConfig, opset: int) -> onnx.FunctionProto:
     rows_shape = body.op("Concat", body.const([-1]), body.shape("node_weight", start=-1), axis=0)   # folded
     x2 = body.to_compute(body.op("Reshape", "X", rows_shape))
     xa = body.append_one(x2)
-    if config.op_type == LEAF_MLP_TREE:
+    if config.op_type in LEAF_OP_TYPES:
         y, width_source = _leaf_mlp_tree(body, config, xa)
     else:
         y, width_source = _neuron_tree(body, config, xa)

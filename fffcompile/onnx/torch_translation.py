@@ -18,7 +18,8 @@ import torch
 from onnx.defs import OpSchema
 
 from .. import ops  # noqa: F401  (registers torch.ops.fffcompile.*)
-from .contract import DOMAIN, DOMAIN_VERSION, LEAF_MLP_TREE, LEAF_MLP_INPUTS, NEURON_TREE, NEURON_TREE_INPUTS
+from .contract import (DOMAIN, DOMAIN_VERSION, LEAF_LINEAR_TREE, LEAF_MLP_INPUTS, LEAF_MLP_TREE, NEURON_TREE,
+                       NEURON_TREE_INPUTS)
 
 _FLOATS = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"]
 
@@ -36,8 +37,8 @@ def _schema(op_type: str, inputs: tuple[str, ...], optional: tuple[str, ...] = (
 
 
 _OPSET = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
-_LEAF_MLP_TREE = onnxscript.values.Op(_OPSET, LEAF_MLP_TREE,
-                                      _schema(LEAF_MLP_TREE, LEAF_MLP_INPUTS, optional=("leaf_w2", "leaf_b2")))
+_LEAF_MLP_TREE = onnxscript.values.Op(_OPSET, LEAF_MLP_TREE, _schema(LEAF_MLP_TREE, LEAF_MLP_INPUTS))
+_LEAF_LINEAR_TREE = onnxscript.values.Op(_OPSET, LEAF_LINEAR_TREE, _schema(LEAF_LINEAR_TREE, LEAF_MLP_INPUTS[:5]))
 _NEURON_TREE = onnxscript.values.Op(_OPSET, NEURON_TREE, _schema(NEURON_TREE, NEURON_TREE_INPUTS))
 
 
@@ -51,8 +52,10 @@ def _depth_from(count, what: str, neurons: bool) -> int:
 def leaf_mlp_tree(x, node_weight, node_bias, leaf_w1, leaf_b1, leaf_w2=None, leaf_b2=None,
                   activation: str = "relu", tie: str = "ge"):
     depth = _depth_from(node_weight.shape[0], "node_weight rows", neurons=False)
-    inputs = [x, node_weight, node_bias, leaf_w1, leaf_b1] + ([leaf_w2, leaf_b2] if leaf_w2 is not None else [])
-    return _LEAF_MLP_TREE(*inputs, depth=depth, activation=activation, tie=tie)
+    if leaf_w2 is None:
+        return _LEAF_LINEAR_TREE(x, node_weight, node_bias, leaf_w1, leaf_b1, depth=depth, activation=activation, tie=tie)
+    return _LEAF_MLP_TREE(x, node_weight, node_bias, leaf_w1, leaf_b1, leaf_w2, leaf_b2, depth=depth,
+                          activation=activation, tie=tie)
 
 
 def neuron_tree(x, node_weight, node_bias, out_weight, out_bias, activation: str = "gelu", tie: str = "gt"):
