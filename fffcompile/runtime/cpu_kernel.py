@@ -1,0 +1,154 @@
+"""The CPU implementation of ``torch.ops.fffcompile.leaf_mlp_tree`` and ``neuron_tree``: a C++ kernel.
+
+The kernel (``csrc/fff_kernels.cpp``, body in ``csrc/fff_body.h``) computes exactly
+``reference.hard``: form A descends n = 2n + 1 + [z_n >= 0] (tie "ge") or [z_n > 0] (tie "gt")
+and runs the leaf's MLP (or linear leaf), form B sums act(a_{p,n}) V_{p,n} over the D + 1
+neurons of each tree's path; float32/float64 in their own type, bfloat16/float16 accumulated in
+float32 and rounded once. One fused pass per row, AVX-512 / AVX2+FMA / scalar chosen at run
+time, rows in parallel above a work threshold, form A's rows grouped by leaf.
+
+Building: ``torch.utils.cpp_extension.load`` compiles the sources with ninja on the first call
+(never at import) into torch's extension directory under a name keyed by the sources' hash and
+the torch version, so an edited source or another torch rebuilds and an unchanged one loads from
+the cache. When the compiler or ninja is missing or the build fails, the reason is logged once
+and every call runs ``reference.hard`` (the ops' pure-torch default): never an exception.
+
+Registered with ``torch.library.register_kernel(op, "cpu")`` on the existing custom ops, so the
+ops' fake function and autograd formula stay as they are. ``refusal(...)`` says why a call goes
+to the reference instead (x's dtype differs from the weights', an activation the kernel does not
+know, the kernel unavailable); ``FusedFFF`` calls ``direct_call`` to skip the dispatcher in
+no-grad CPU inference.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..ops import spec_from_leaf_mlp_args, spec_from_neuron_tree_args
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("fff_kernels.cpp", "fff_body.h")
+
+# The kernel's activation codes (csrc/fff_kernels.cpp, enum Activation).
+ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "sigmoid": 4, "tanh": 5, "relu2": 6, "identity": 7}
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# ``isa`` argument of the extension: -1 the best the CPU has, else at most this one.
+ISAS = {"best": -1, "scalar": 0, "avx2": 1, "avx512": 2}
+
+_lock = threading.Lock()
+_extension = None
+_failure: Optional[str] = None
+_disabled = os.environ.get("FFFCOMPILE_CPU_KERNEL", "1") == "0"
+
+
+def _extension_name() -> str:
+    digest = hashlib.sha256(torch.__version__.encode())
+    for name in SOURCES:
+        digest.update((CSRC / name).read_bytes())
+    return f"fffcompile_cpu_{digest.hexdigest()[:12]}"
+
+
+def load():
+    """The compiled extension module (building it on first use), or None with ``failure()`` saying why."""
+    global _extension, _failure
+    if _extension is not None or _failure is not None:
+        return _extension
+    with _lock:
+        if _extension is not None or _failure is not None:
+            return _extension
+        if _disabled:
+            _failure = "disabled by FFFCOMPILE_CPU_KERNEL=0"
+            return None
+        try:
+            from torch.utils import cpp_extension
+            if not cpp_extension.is_ninja_available():
+                raise RuntimeError("ninja is not installed (pip install ninja)")
+            _extension = cpp_extension.load(
+                name=_extension_name(), sources=[str(CSRC / "fff_kernels.cpp")], extra_include_paths=[str(CSRC)],
+                extra_cflags=["-O3", "-fno-math-errno"], verbose=os.environ.get("FFFCOMPILE_BUILD_VERBOSE") == "1")
+        except Exception as error:  # compiler missing, build failure: fall back, say it once
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            _failure = f"{type(error).__name__}: {first_line}"
+            log.warning("fffcompile: CPU kernel unavailable (%s); the ops run the pure-torch reference on CPU", _failure)
+    return _extension
+
+
+def available() -> bool:
+    """Whether the C++ kernel is (or can be) loaded; builds it on the first call."""
+    return load() is not None
+
+
+def failure() -> Optional[str]:
+    """Why the kernel could not be loaded (None while it is loaded or not yet tried)."""
+    return _failure
+
+
+def isa() -> Optional[str]:
+    """The instruction set the kernel runs on this CPU ('avx512', 'avx2', 'scalar'), None when unavailable."""
+    ext = load()
+    return ext.isa() if ext is not None else None
+
+
+def refusal(x: Tensor, weights: tuple, activation: str) -> Optional[str]:
+    """Why the kernel would not run this call (None when it would); the reference runs instead."""
+    if activation not in ACTIVATION_CODES:
+        return f"activation {activation!r} has no C++ implementation"
+    dtype = weights[0].dtype
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is not supported"
+    if any(w is not None and w.dtype != dtype for w in weights):
+        return "the weights mix dtypes"
+    if x.dtype != dtype:
+        return f"x is {x.dtype}, the weights {dtype}"
+    if load() is None:
+        return f"the C++ kernel is unavailable ({_failure})"
+    return None
+
+
+# Set by tests to see which implementation ran the last call: "kernel" or "reference".
+last_path: Optional[str] = None
+
+
+@torch.library.register_kernel("fffcompile::leaf_mlp_tree", "cpu")
+def leaf_mlp_tree_cpu(x: Tensor, node_weight: Tensor, node_bias: Tensor, leaf_w1: Tensor, leaf_b1: Tensor,
+                      leaf_w2: Optional[Tensor], leaf_b2: Optional[Tensor], activation: str, tie: str) -> Tensor:
+    global last_path
+    if refusal(x, (node_weight, node_bias, leaf_w1, leaf_b1, leaf_w2, leaf_b2), activation) is None:
+        last_path = "kernel"
+        return _extension.leaf_mlp_tree(x, node_weight, node_bias, leaf_w1, leaf_b1, leaf_w2, leaf_b2,
+                                        ACTIVATION_CODES[activation], tie == "ge")
+    last_path = "reference"
+    spec = spec_from_leaf_mlp_args(node_weight, node_bias, leaf_w1, leaf_b1, leaf_w2, leaf_b2, activation, tie)
+    return reference.hard(spec, x)
+
+
+@torch.library.register_kernel("fffcompile::neuron_tree", "cpu")
+def neuron_tree_cpu(x: Tensor, node_weight: Tensor, node_bias: Tensor, out_weight: Tensor, out_bias: Tensor,
+                    activation: str, tie: str) -> Tensor:
+    global last_path
+    if refusal(x, (node_weight, node_bias, out_weight, out_bias), activation) is None:
+        last_path = "kernel"
+        return _extension.neuron_tree(x, node_weight, node_bias, out_weight, out_bias,
+                                      ACTIVATION_CODES[activation], tie == "ge")
+    last_path = "reference"
+    spec = spec_from_neuron_tree_args(node_weight, node_bias, out_weight, out_bias, activation, tie)
+    return reference.hard(spec, x)
+
+
+def direct_call(form: str):
+    """The extension's raw function for ``form`` when it is loaded (else None): no dispatcher, no checks
+    beyond the C++ ones; callers guarantee CPU tensors of one dtype, no autograd, no tracing."""
+    ext = load()
+    if ext is None:
+        return None
+    return ext.leaf_mlp_tree if form == "leaf_mlp" else ext.neuron_tree

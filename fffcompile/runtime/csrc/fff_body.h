@@ -1,0 +1,288 @@
+// The fused descent, written once over a vector-traits type and included once per instruction
+// set (see fff_kernels.cpp): no include guard on purpose. Each inclusion sits inside its own
+// namespace and `#pragma GCC target` region, which supplies
+//
+//   template <class S> struct VecFor { using type = ...; };   // storage type S -> vector traits
+//
+// A vector traits type V has: S (storage scalar), A (accumulation scalar: float for the 16-bit
+// types, else S), R (register), W (lanes), zero(), set1(A), load(const S*) (converting to A),
+// loadA(const A*), storeA(A*, R), fma(a, b, c) = a * b + c, add(a, b), hsum(R).
+//
+// Math (FORMS.md): form A descends n = 2n + 1 + [z_n >= 0] (tie "ge") or [z_n > 0] (tie "gt")
+// D times, then y = act(x W1_j + b1_j) W2_j + b2_j (linear leaves: y = act(x W1_j + b1_j));
+// form B sums act(a_{p,n}) V_{p,n} over the D + 1 neurons on each tree's path.
+
+template <class S>
+using Vec = typename VecFor<S>::type;
+
+// Prefetch [p, p + bytes) into cache, one hint per 64-byte line.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+// z[r] = x[r] . w[r] (length n) for NR rows at once: independent streams keep several loads in flight.
+template <class V, int NR>
+inline void dots(const typename V::A* const* x, const typename V::S* const* w, int64_t n, typename V::A* z) {
+  using A = typename V::A;
+  using R = typename V::R;
+  constexpr int W = V::W;
+  constexpr int U = NR >= 4 ? 2 : (NR == 1 ? 8 : 4);
+  R acc[NR][U];
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = V::zero();
+  int64_t d = 0;
+  for (; d + U * W <= n; d += U * W)
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < NR; ++r) acc[r][u] = V::fma(V::loadA(x[r] + d + u * W), V::load(w[r] + d + u * W), acc[r][u]);
+  for (; d + W <= n; d += W)
+    for (int r = 0; r < NR; ++r) acc[r][0] = V::fma(V::loadA(x[r] + d), V::load(w[r] + d), acc[r][0]);
+  for (int r = 0; r < NR; ++r) {
+    R s = acc[r][0];
+    for (int u = 1; u < U; ++u) s = V::add(s, acc[r][u]);
+    A t = V::hsum(s);
+    for (int64_t e = d; e < n; ++e) t += x[r][e] * static_cast<A>(w[r][e]);
+    z[r] = t;
+  }
+}
+
+// y[r][j0 : j0 + MV W] = bias + sum_k a[r][k] B[k][j0 : ...] for NR rows: one pass over B feeds NR rows.
+// KU independent accumulator sets over k hide the FMA latency when NR * MV is small.
+template <class V, int NR, int MV, int KU>
+inline void gemm_block(const typename V::A* const* a, const typename V::S* B, int64_t K, int64_t ldb,
+                       const typename V::S* bias, typename V::A* const* y, int64_t j0) {
+  using R = typename V::R;
+  constexpr int W = V::W;
+  R acc[KU][NR][MV];
+  for (int u = 0; u < KU; ++u)
+    for (int r = 0; r < NR; ++r)
+      for (int v = 0; v < MV; ++v) acc[u][r][v] = V::zero();
+  int64_t k = 0;
+  for (; k + KU <= K; k += KU)
+    for (int u = 0; u < KU; ++u) {
+      const typename V::S* row = B + (k + u) * ldb + j0;
+      R b[MV];
+      for (int v = 0; v < MV; ++v) b[v] = V::load(row + v * W);
+      for (int r = 0; r < NR; ++r) {
+        R s = V::set1(a[r][k + u]);
+        for (int v = 0; v < MV; ++v) acc[u][r][v] = V::fma(s, b[v], acc[u][r][v]);
+      }
+    }
+  for (; k < K; ++k) {
+    const typename V::S* row = B + k * ldb + j0;
+    for (int r = 0; r < NR; ++r) {
+      R s = V::set1(a[r][k]);
+      for (int v = 0; v < MV; ++v) acc[0][r][v] = V::fma(s, V::load(row + v * W), acc[0][r][v]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) {
+      R s = acc[0][r][v];
+      for (int u = 1; u < KU; ++u) s = V::add(s, acc[u][r][v]);
+      if (bias) s = V::add(s, V::load(bias + j0 + v * W));
+      V::storeA(y[r] + j0 + v * W, s);
+    }
+}
+
+// Y[r][0:m] = bias[0:m] + a[r][0:K] @ B (B is K x m, row stride ldb), NR rows (1..4).
+template <class V, int NR>
+inline void gemm_rows(const typename V::A* const* a, const typename V::S* B, int64_t K, int64_t m, int64_t ldb,
+                      const typename V::S* bias, typename V::A* const* y) {
+  using A = typename V::A;
+  constexpr int W = V::W;
+  constexpr int MVMAX = NR >= 3 ? 2 : 4;
+  int64_t j = 0;
+  for (; j + MVMAX * W <= m; j += MVMAX * W)
+    gemm_block<V, NR, MVMAX, (NR * MVMAX >= 8 ? 1 : 8 / (NR * MVMAX))>(a, B, K, ldb, bias, y, j);
+  for (; j + W <= m; j += W) gemm_block<V, NR, 1, (NR >= 4 ? 2 : 8 / NR)>(a, B, K, ldb, bias, y, j);
+  for (; j < m; ++j)
+    for (int r = 0; r < NR; ++r) {
+      A s = bias ? static_cast<A>(bias[j]) : A(0);
+      for (int64_t k = 0; k < K; ++k) s += a[r][k] * static_cast<A>(B[k * ldb + j]);
+      y[r][j] = s;
+    }
+}
+
+template <class V>
+inline void gemm_rows_n(int nr, const typename V::A* const* a, const typename V::S* B, int64_t K, int64_t m,
+                        int64_t ldb, const typename V::S* bias, typename V::A* const* y) {
+  switch (nr) {
+    case 4: gemm_rows<V, 4>(a, B, K, m, ldb, bias, y); break;
+    case 3: gemm_rows<V, 3>(a, B, K, m, ldb, bias, y); break;
+    case 2: gemm_rows<V, 2>(a, B, K, m, ldb, bias, y); break;
+    default: gemm_rows<V, 1>(a, B, K, m, ldb, bias, y); break;
+  }
+}
+
+// y[0:m] += alpha * v[0:m]
+template <class V>
+inline void axpy(typename V::A* y, typename V::A alpha, const typename V::S* v, int64_t m) {
+  constexpr int W = V::W;
+  auto s = V::set1(alpha);
+  int64_t j = 0;
+  for (; j + 4 * W <= m; j += 4 * W)
+    for (int u = 0; u < 4; ++u) V::storeA(y + j + u * W, V::fma(s, V::load(v + j + u * W), V::loadA(y + j + u * W)));
+  for (; j + W <= m; j += W) V::storeA(y + j, V::fma(s, V::load(v + j), V::loadA(y + j)));
+  for (; j < m; ++j) y[j] += alpha * static_cast<typename V::A>(v[j]);
+}
+
+template <class A>
+inline void activate(int act, A* h, int64_t m) {
+  if (act == ACT_IDENTITY) return;
+  for (int64_t j = 0; j < m; ++j) h[j] = activation<A>(act, h[j]);
+}
+
+// x rows as accumulation-type pointers: the row itself when S == A, else a converted copy in buf.
+template <class S, class A>
+inline const A* row_as_acc(const S* x, int64_t n, A* buf) {
+  if constexpr (std::is_same<S, A>::value) {
+    return x;
+  } else {
+    for (int64_t d = 0; d < n; ++d) buf[d] = static_cast<A>(x[d]);
+    return buf;
+  }
+}
+
+// ------------------------------------------------------------------------------------------- form A
+
+// Route rows [begin, end) to their leaves (leaf[r]), NR = 4 rows interleaved per level.
+template <class S>
+void leaf_route(const LeafArgs& p, int64_t begin, int64_t end, int64_t* leaf) {
+  using V = Vec<S>;
+  using A = typename V::A;
+  const S* X = static_cast<const S*>(p.x);
+  const S* NW = static_cast<const S*>(p.node_weight);
+  const S* NB = static_cast<const S*>(p.node_bias);
+  const int64_t d = p.d_in;
+  const int64_t first_leaf = (int64_t(1) << p.depth) - 1;
+  std::vector<A> buf(std::is_same<S, A>::value ? 0 : 4 * d);
+  for (int64_t r0 = begin; r0 < end; r0 += 4) {
+    const int nr = static_cast<int>(std::min<int64_t>(4, end - r0));
+    const A* xr[4];
+    const S* wr[4];
+    int64_t node[4] = {0, 0, 0, 0};
+    A z[4];
+    for (int r = 0; r < nr; ++r) xr[r] = row_as_acc<S, A>(X + (r0 + r) * d, d, buf.data() + r * d);
+    for (int r = nr; r < 4; ++r) xr[r] = xr[0];
+    for (int level = 0; level < p.depth; ++level) {
+      for (int r = 0; r < 4; ++r) wr[r] = NW + node[r < nr ? r : 0] * d;
+      if (level + 1 < p.depth)  // both children are adjacent rows: fetch them while this level computes
+        for (int r = 0; r < nr; ++r) prefetch_bytes(NW + (2 * node[r] + 1) * d, 2 * d * int64_t(sizeof(S)));
+      switch (nr) {
+        case 4: dots<V, 4>(xr, wr, d, z); break;
+        case 3: dots<V, 3>(xr, wr, d, z); break;
+        case 2: dots<V, 2>(xr, wr, d, z); break;
+        default: dots<V, 1>(xr, wr, d, z); break;
+      }
+      for (int r = 0; r < nr; ++r) {
+        const A zz = z[r] + static_cast<A>(NB[node[r]]);
+        const bool right = p.tie_ge ? (zz >= A(0)) : (zz > A(0));
+        node[r] = 2 * node[r] + 1 + (right ? 1 : 0);
+      }
+    }
+    for (int r = 0; r < nr; ++r) leaf[r0 - begin + r] = node[r] - first_leaf;
+  }
+}
+
+// Leaf MLPs for rows rows[0:count), all routed to leaf j: blocks of 4 rows share one pass over the weights.
+template <class S>
+void leaf_apply(const LeafArgs& p, int64_t j, const int64_t* rows, int64_t count) {
+  using V = Vec<S>;
+  using A = typename V::A;
+  const S* X = static_cast<const S*>(p.x);
+  S* Y = static_cast<S*>(p.out);
+  const int64_t d = p.d_in, l = p.width, m = p.d_out;
+  const S* W1 = static_cast<const S*>(p.leaf_w1) + j * d * l;
+  const S* B1 = static_cast<const S*>(p.leaf_b1) + j * l;
+  const S* W2 = p.leaf_w2 ? static_cast<const S*>(p.leaf_w2) + j * l * m : nullptr;
+  const S* B2 = p.leaf_b2 ? static_cast<const S*>(p.leaf_b2) + j * m : nullptr;
+  constexpr bool same = std::is_same<S, A>::value;
+  std::vector<A> xbuf(same ? 0 : 4 * d), hbuf(4 * l), ybuf(same ? 0 : 4 * m);
+  for (int64_t i = 0; i < count; i += 4) {
+    const int nr = static_cast<int>(std::min<int64_t>(4, count - i));
+    const A* xr[4];
+    A* hr[4];
+    A* yr[4];
+    for (int r = 0; r < nr; ++r) {
+      const int64_t row = rows[i + r];
+      xr[r] = row_as_acc<S, A>(X + row * d, d, xbuf.data() + r * d);
+      hr[r] = hbuf.data() + r * l;
+      if constexpr (same) yr[r] = reinterpret_cast<A*>(Y + row * m);
+      else yr[r] = ybuf.data() + r * m;
+    }
+    if (W2) {
+      gemm_rows_n<V>(nr, xr, W1, d, l, l, B1, hr);
+      for (int r = 0; r < nr; ++r) activate<A>(p.act, hr[r], l);
+      const A* hc[4] = {hr[0], hr[1], hr[2], hr[3]};
+      gemm_rows_n<V>(nr, hc, W2, l, m, m, B2, yr);
+    } else {
+      gemm_rows_n<V>(nr, xr, W1, d, l, l, B1, yr);
+      for (int r = 0; r < nr; ++r) activate<A>(p.act, yr[r], l);
+    }
+    if constexpr (!same)
+      for (int r = 0; r < nr; ++r) {
+        S* out = Y + rows[i + r] * m;
+        for (int64_t o = 0; o < m; ++o) out[o] = static_cast<S>(yr[r][o]);
+      }
+  }
+}
+
+// ------------------------------------------------------------------------------------------- form B
+
+template <class S>
+void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
+  using V = Vec<S>;
+  using A = typename V::A;
+  const S* X = static_cast<const S*>(p.x);
+  S* Y = static_cast<S*>(p.out);
+  const S* NW = static_cast<const S*>(p.node_weight);
+  const S* NB = static_cast<const S*>(p.node_bias);
+  const S* OW = static_cast<const S*>(p.out_weight);
+  const S* OB = static_cast<const S*>(p.out_bias);
+  const int64_t d = p.d_in, m = p.d_out, n = p.nodes;
+  constexpr bool same = std::is_same<S, A>::value;
+  std::vector<A> xbuf(same ? 0 : 4 * d), ybuf(same ? 0 : 4 * m);
+  for (int64_t r0 = begin; r0 < end; r0 += 4) {
+    const int nr = static_cast<int>(std::min<int64_t>(4, end - r0));
+    const A* xr[4];
+    A* yr[4];
+    for (int r = 0; r < nr; ++r) {
+      xr[r] = row_as_acc<S, A>(X + (r0 + r) * d, d, xbuf.data() + r * d);
+      if constexpr (same) yr[r] = reinterpret_cast<A*>(Y + (r0 + r) * m);
+      else yr[r] = ybuf.data() + r * m;
+      for (int64_t o = 0; o < m; ++o) yr[r][o] = static_cast<A>(OB[o]);
+    }
+    for (int r = nr; r < 4; ++r) xr[r] = xr[0];
+    for (int64_t t = 0; t < p.trees; ++t) {
+      const S* TW = NW + t * n * d;
+      const S* TB = NB + t * n;
+      const S* TV = OW + t * n * m;
+      int64_t node[4] = {0, 0, 0, 0};
+      const S* wr[4];
+      A z[4];
+      for (int level = 0; level <= p.depth; ++level) {
+        for (int r = 0; r < 4; ++r) wr[r] = TW + node[r < nr ? r : 0] * d;
+        for (int r = 0; r < nr; ++r) prefetch_bytes(TV + node[r] * m, m * int64_t(sizeof(S)));
+        switch (nr) {
+          case 4: dots<V, 4>(xr, wr, d, z); break;
+          case 3: dots<V, 3>(xr, wr, d, z); break;
+          case 2: dots<V, 2>(xr, wr, d, z); break;
+          default: dots<V, 1>(xr, wr, d, z); break;
+        }
+        for (int r = 0; r < nr; ++r) {
+          const A a = z[r] + static_cast<A>(TB[node[r]]);
+          const bool right = p.tie_ge ? (a >= A(0)) : (a > A(0));
+          const int64_t child = 2 * node[r] + 1 + (right ? 1 : 0);
+          if (level < p.depth) prefetch_bytes(TW + child * d, d * int64_t(sizeof(S)));
+          axpy<V>(yr[r], activation<A>(p.act, a), TV + node[r] * m, m);
+          node[r] = child;
+        }
+      }
+    }
+    if constexpr (!same)
+      for (int r = 0; r < nr; ++r) {
+        S* out = Y + (r0 + r) * m;
+        for (int64_t o = 0; o < m; ++o) out[o] = static_cast<S>(yr[r][o]);
+      }
+  }
+}

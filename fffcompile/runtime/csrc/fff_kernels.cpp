@@ -1,0 +1,327 @@
+// CPU kernels of torch.ops.fffcompile.leaf_mlp_tree (form A) and neuron_tree (form B).
+//
+// One fused pass per row: the whole descent and the leaf (or the path neurons' outputs), no
+// intermediate tensors. The body (fff_body.h) is compiled three times, for AVX-512F, AVX2+FMA
+// and baseline x86-64 / any other CPU, each in its own namespace under `#pragma GCC target`;
+// the instruction set is picked once at run time (__builtin_cpu_supports). float32 and float64
+// run in their own type; bfloat16 and float16 are converted to float32 on load, accumulated in
+// float32 and rounded once on store (reference.py's rule).
+//
+// Parallelism: at::parallel_for over row blocks, one thread below a work threshold. Form A
+// routes every row first (leaf index per row), groups rows by leaf (counting sort) and runs each
+// leaf's MLP over its rows four at a time, so a leaf's weights stream once per four rows.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FFF_X86 1
+#else
+#define FFF_X86 0
+#endif
+
+namespace fff {
+
+enum Activation { ACT_RELU = 0, ACT_GELU, ACT_GELU_TANH, ACT_SILU, ACT_SIGMOID, ACT_TANH, ACT_RELU2, ACT_IDENTITY };
+
+// activations.py, formula for formula.
+template <class A>
+inline A activation(int act, A t) {
+  switch (act) {
+    case ACT_RELU: return t > A(0) ? t : A(0);
+    case ACT_GELU: return A(0.5) * t * (A(1) + std::erf(t * A(0.70710678118654752440)));
+    case ACT_GELU_TANH: {
+      const A inner = A(0.79788456080286535588) * (t + A(0.044715) * t * t * t);
+      return A(0.5) * t * (A(1) + std::tanh(inner));
+    }
+    case ACT_SILU: return t / (A(1) + std::exp(-t));
+    case ACT_SIGMOID: return A(1) / (A(1) + std::exp(-t));
+    case ACT_TANH: return std::tanh(t);
+    case ACT_RELU2: { const A r = t > A(0) ? t : A(0); return r * r; }
+    default: return t;
+  }
+}
+
+struct LeafArgs {
+  const void* x; void* out;
+  const void *node_weight, *node_bias, *leaf_w1, *leaf_b1, *leaf_w2, *leaf_b2;
+  int64_t rows, d_in, width, d_out; int depth; int act; bool tie_ge;
+};
+
+struct NeuronArgs {
+  const void* x; void* out;
+  const void *node_weight, *node_bias, *out_weight, *out_bias;
+  int64_t rows, d_in, d_out, trees, nodes; int depth; int act; bool tie_ge;
+};
+
+// Scalar "vector" of one lane: the portable path, and the 16-bit types' path on every ISA.
+template <class Storage>
+struct ScalarVec {
+  using S = Storage;
+  using A = typename std::conditional<std::is_same<S, double>::value, double, float>::type;
+  using R = A;
+  static constexpr int W = 1;
+  static inline R zero() { return A(0); }
+  static inline R set1(A a) { return a; }
+  static inline R load(const S* p) { return static_cast<A>(*p); }
+  static inline R loadA(const A* p) { return *p; }
+  static inline void storeA(A* p, R v) { *p = v; }
+  static inline R fma(R a, R b, R c) { return a * b + c; }
+  static inline R add(R a, R b) { return a + b; }
+  static inline A hsum(R v) { return v; }
+};
+
+namespace scalar_isa {
+template <class S> struct VecFor { using type = ScalarVec<S>; };
+#include "fff_body.h"
+}  // namespace scalar_isa
+
+#if FFF_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2_isa {
+struct F32 {
+  using S = float; using A = float; using R = __m256; static constexpr int W = 8;
+  static inline R zero() { return _mm256_setzero_ps(); }
+  static inline R set1(A a) { return _mm256_set1_ps(a); }
+  static inline R load(const S* p) { return _mm256_loadu_ps(p); }
+  static inline R loadA(const A* p) { return _mm256_loadu_ps(p); }
+  static inline void storeA(A* p, R v) { _mm256_storeu_ps(p, v); }
+  static inline R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static inline A hsum(R v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+struct F64 {
+  using S = double; using A = double; using R = __m256d; static constexpr int W = 4;
+  static inline R zero() { return _mm256_setzero_pd(); }
+  static inline R set1(A a) { return _mm256_set1_pd(a); }
+  static inline R load(const S* p) { return _mm256_loadu_pd(p); }
+  static inline R loadA(const A* p) { return _mm256_loadu_pd(p); }
+  static inline void storeA(A* p, R v) { _mm256_storeu_pd(p, v); }
+  static inline R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
+  static inline R add(R a, R b) { return _mm256_add_pd(a, b); }
+  static inline A hsum(R v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+  }
+};
+template <class S> struct VecFor { using type = ScalarVec<S>; };
+template <> struct VecFor<float> { using type = F32; };
+template <> struct VecFor<double> { using type = F64; };
+#include "fff_body.h"
+}  // namespace avx2_isa
+#pragma GCC pop_options
+
+// AVX-512F: compiled wherever the compiler supports the target, chosen only on CPUs that report it.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+namespace avx512_isa {
+struct F32 {
+  using S = float; using A = float; using R = __m512; static constexpr int W = 16;
+  static inline R zero() { return _mm512_setzero_ps(); }
+  static inline R set1(A a) { return _mm512_set1_ps(a); }
+  static inline R load(const S* p) { return _mm512_loadu_ps(p); }
+  static inline R loadA(const A* p) { return _mm512_loadu_ps(p); }
+  static inline void storeA(A* p, R v) { _mm512_storeu_ps(p, v); }
+  static inline R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static inline A hsum(R v) { return _mm512_reduce_add_ps(v); }
+};
+struct F64 {
+  using S = double; using A = double; using R = __m512d; static constexpr int W = 8;
+  static inline R zero() { return _mm512_setzero_pd(); }
+  static inline R set1(A a) { return _mm512_set1_pd(a); }
+  static inline R load(const S* p) { return _mm512_loadu_pd(p); }
+  static inline R loadA(const A* p) { return _mm512_loadu_pd(p); }
+  static inline void storeA(A* p, R v) { _mm512_storeu_pd(p, v); }
+  static inline R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  static inline R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static inline A hsum(R v) { return _mm512_reduce_add_pd(v); }
+};
+template <class S> struct VecFor { using type = ScalarVec<S>; };
+template <> struct VecFor<float> { using type = F32; };
+template <> struct VecFor<double> { using type = F64; };
+#include "fff_body.h"
+}  // namespace avx512_isa
+#pragma GCC pop_options
+#endif
+
+// ------------------------------------------------------------------------------------------- dispatch
+
+enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+int detected_isa() {
+#if FFF_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return ISA_AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+#endif
+  return ISA_SCALAR;
+}
+
+static int g_isa = detected_isa();
+
+const char* isa_name(int isa) {
+  return isa == ISA_AVX512 ? "avx512" : isa == ISA_AVX2 ? "avx2" : "scalar";
+}
+
+template <class S>
+struct Kernels {
+  void (*route)(const LeafArgs&, int64_t, int64_t, int64_t*);
+  void (*apply)(const LeafArgs&, int64_t, const int64_t*, int64_t);
+  void (*neuron)(const NeuronArgs&, int64_t, int64_t);
+};
+
+template <class S>
+Kernels<S> kernels_for(int isa) {
+#if FFF_X86
+  if (isa == ISA_AVX512) return {avx512_isa::leaf_route<S>, avx512_isa::leaf_apply<S>, avx512_isa::neuron_rows<S>};
+  if (isa == ISA_AVX2) return {avx2_isa::leaf_route<S>, avx2_isa::leaf_apply<S>, avx2_isa::neuron_rows<S>};
+#endif
+  return {scalar_isa::leaf_route<S>, scalar_isa::leaf_apply<S>, scalar_isa::neuron_rows<S>};
+}
+
+// Rows per parallel task so that a task does at least ~kMinTaskMacs multiply-accumulates: below
+// that, waking a second thread costs more than it saves.
+constexpr int64_t kMinTaskMacs = 1 << 17;
+
+int64_t grain_for(int64_t macs_per_row) {
+  return std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, macs_per_row));
+}
+
+template <class S>
+void run_leaf(const LeafArgs& p, int isa) {
+  const Kernels<S> k = kernels_for<S>(isa);
+  const int64_t rows = p.rows;
+  const int64_t n_leaves = int64_t(1) << p.depth;
+  std::vector<int64_t> leaf(rows);
+  const int64_t route_macs = std::max<int64_t>(1, p.depth * p.d_in);
+  at::parallel_for(0, rows, grain_for(route_macs), [&](int64_t b, int64_t e) { k.route(p, b, e, leaf.data() + b); });
+  // Counting sort of rows by leaf.
+  std::vector<int64_t> start(n_leaves + 1, 0), order(rows);
+  for (int64_t r = 0; r < rows; ++r) ++start[leaf[r] + 1];
+  for (int64_t j = 0; j < n_leaves; ++j) start[j + 1] += start[j];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t r = 0; r < rows; ++r) order[fill[leaf[r]]++] = r;
+  }
+  const int64_t leaf_macs = p.width * (p.d_in + (p.leaf_w2 ? p.d_out : 0));
+  if (rows * leaf_macs < 2 * kMinTaskMacs || at::get_num_threads() == 1) {
+    for (int64_t j = 0; j < n_leaves; ++j)
+      if (start[j + 1] > start[j]) k.apply(p, j, order.data() + start[j], start[j + 1] - start[j]);
+    return;
+  }
+  // Split the sorted rows into equal chunks; a chunk may cut a leaf's group in two.
+  const int64_t grain = std::max<int64_t>(4, grain_for(leaf_macs));
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    int64_t i = b;
+    while (i < e) {
+      const int64_t j = leaf[order[i]];
+      const int64_t stop = std::min(e, start[j + 1]);
+      k.apply(p, j, order.data() + i, stop - i);
+      i = stop;
+    }
+  });
+}
+
+template <class S>
+void run_neuron(const NeuronArgs& p, int isa) {
+  const Kernels<S> k = kernels_for<S>(isa);
+  const int64_t macs = std::max<int64_t>(1, p.trees * (p.depth + 1) * (p.d_in + p.d_out));
+  at::parallel_for(0, p.rows, std::max<int64_t>(4, grain_for(macs)), [&](int64_t b, int64_t e) { k.neuron(p, b, e); });
+}
+
+void check_float(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+}
+
+int resolve_isa(int64_t isa) { return isa < 0 ? g_isa : std::min<int>(static_cast<int>(isa), g_isa); }
+
+// x (..., d_in) -> (..., d_out); every tensor of one dtype (float32/64, bfloat16, float16).
+at::Tensor leaf_mlp_tree(const at::Tensor& x, const at::Tensor& node_weight, const at::Tensor& node_bias,
+                         const at::Tensor& leaf_w1, const at::Tensor& leaf_b1, const c10::optional<at::Tensor>& leaf_w2,
+                         const c10::optional<at::Tensor>& leaf_b2, int64_t act, bool tie_ge, int64_t isa) {
+  const auto dtype = node_weight.scalar_type();
+  const int64_t d_in = node_weight.size(1);
+  TORCH_CHECK(x.size(-1) == d_in, "input has last dim ", x.size(-1), ", the FFF expects d_in = ", d_in);
+  const bool mlp = leaf_w2.has_value() && leaf_w2->defined();
+  at::Tensor w2, b2;
+  if (mlp) { w2 = leaf_w2->contiguous(); b2 = leaf_b2->contiguous(); check_float(w2, dtype, "leaf_w2"); check_float(b2, dtype, "leaf_b2"); }
+  for (auto* t : {&x, &node_bias, &leaf_w1, &leaf_b1}) check_float(*t, dtype, "argument");
+  at::Tensor X = x.reshape({-1, d_in}).contiguous();
+  at::Tensor nw = node_weight.contiguous(), nb = node_bias.contiguous(), w1 = leaf_w1.contiguous(), b1 = leaf_b1.contiguous();
+  const int64_t width = w1.size(2), d_out = mlp ? w2.size(2) : width;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = d_out;
+  at::Tensor out = at::empty({X.size(0), d_out}, x.options());
+  LeafArgs p{X.data_ptr(), out.data_ptr(), nw.data_ptr(), nb.data_ptr(), w1.data_ptr(), b1.data_ptr(),
+             mlp ? w2.data_ptr() : nullptr, mlp ? b2.data_ptr() : nullptr,
+             X.size(0), d_in, width, d_out, static_cast<int>(64 - __builtin_clzll(uint64_t(nw.size(0) + 1)) - 1),
+             static_cast<int>(act), tie_ge};
+  if (p.rows > 0) {
+    const int chosen = resolve_isa(isa);
+    switch (dtype) {
+      case at::kFloat: run_leaf<float>(p, chosen); break;
+      case at::kDouble: run_leaf<double>(p, chosen); break;
+      case at::kBFloat16: run_leaf<c10::BFloat16>(p, chosen); break;
+      case at::kHalf: run_leaf<c10::Half>(p, chosen); break;
+      default: TORCH_CHECK(false, "unsupported dtype ", dtype);
+    }
+  }
+  return out.view(out_shape);
+}
+
+at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const at::Tensor& node_bias,
+                       const at::Tensor& out_weight, const at::Tensor& out_bias, int64_t act, bool tie_ge, int64_t isa) {
+  const auto dtype = node_weight.scalar_type();
+  const int64_t d_in = node_weight.size(2);
+  TORCH_CHECK(x.size(-1) == d_in, "input has last dim ", x.size(-1), ", the FFF expects d_in = ", d_in);
+  for (auto* t : {&x, &node_bias, &out_weight, &out_bias}) check_float(*t, dtype, "argument");
+  at::Tensor X = x.reshape({-1, d_in}).contiguous();
+  at::Tensor nw = node_weight.contiguous(), nb = node_bias.contiguous(), ow = out_weight.contiguous(), ob = out_bias.contiguous();
+  const int64_t d_out = ow.size(2), nodes = nw.size(1);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = d_out;
+  at::Tensor out = at::empty({X.size(0), d_out}, x.options());
+  NeuronArgs p{X.data_ptr(), out.data_ptr(), nw.data_ptr(), nb.data_ptr(), ow.data_ptr(), ob.data_ptr(),
+               X.size(0), d_in, d_out, nw.size(0), nodes,
+               static_cast<int>(64 - __builtin_clzll(uint64_t(nodes + 1)) - 2), static_cast<int>(act), tie_ge};
+  if (p.rows > 0) {
+    const int chosen = resolve_isa(isa);
+    switch (dtype) {
+      case at::kFloat: run_neuron<float>(p, chosen); break;
+      case at::kDouble: run_neuron<double>(p, chosen); break;
+      case at::kBFloat16: run_neuron<c10::BFloat16>(p, chosen); break;
+      case at::kHalf: run_neuron<c10::Half>(p, chosen); break;
+      default: TORCH_CHECK(false, "unsupported dtype ", dtype);
+    }
+  }
+  return out.view(out_shape);
+}
+
+}  // namespace fff
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fffcompile fused descent kernels (CPU)";
+  m.def("leaf_mlp_tree", &fff::leaf_mlp_tree, "form A: leaf-MLP tree, hard descent",
+        py::arg("x"), py::arg("node_weight"), py::arg("node_bias"), py::arg("leaf_w1"), py::arg("leaf_b1"),
+        py::arg("leaf_w2"), py::arg("leaf_b2"), py::arg("act"), py::arg("tie_ge"), py::arg("isa") = -1);
+  m.def("neuron_tree", &fff::neuron_tree, "form B: neuron tree, hard descent",
+        py::arg("x"), py::arg("node_weight"), py::arg("node_bias"), py::arg("out_weight"), py::arg("out_bias"),
+        py::arg("act"), py::arg("tie_ge"), py::arg("isa") = -1);
+  m.def("isa", []() { return std::string(fff::isa_name(fff::g_isa)); }, "instruction set chosen at load");
+}

@@ -1,0 +1,240 @@
+"""The C++ CPU kernel (runtime/cpu_kernel.py, csrc/): built, registered, equal to reference.hard.
+
+Every instruction-set path the CPU has (scalar always, AVX2 / AVX-512 where present) is run
+against ``reference.hard`` on random specs of both forms, every activation, both tie rules and
+every dtype; exact ties at z = 0; leading dims, batch 0 and 1; the parallel and leaf-grouped
+paths; the dispatcher really reaching the kernel; the fallbacks (an activation or dtype mix the
+kernel refuses, a build that fails) running the reference instead.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fffcompile  # noqa: F401  (registers the ops)
+from fffcompile import ops, reference
+from fffcompile.compare import compare
+from fffcompile.runtime import FusedFFF, cpu_kernel
+from fffcompile.spec import ACTIVATIONS, DTYPES, FFFSpec
+from specs import batch_shapes, make_spec, random_input, specs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if shutil.which(os.environ.get("CXX", "c++")) is None:
+    pytest.skip("no C++ compiler: the kernel cannot be built here (the fallback is tested in test_ops.py)",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = cpu_kernel.load()
+    assert module is not None, f"the CPU kernel failed to build: {cpu_kernel.failure()}"
+    return module
+
+
+def isas(ext):
+    """Instruction sets to test: scalar, and the best this CPU runs when that is not scalar."""
+    best = ext.isa()
+    return ["scalar"] + ([best] if best != "scalar" else [])
+
+
+def run_ext(ext, spec: FFFSpec, x: torch.Tensor, isa: str) -> torch.Tensor:
+    args = ops.op_arguments(spec)[:-2]
+    fn = ext.leaf_mlp_tree if spec.form == "leaf_mlp" else ext.neuron_tree
+    return fn(x, *args, cpu_kernel.ACTIVATION_CODES[spec.activation], spec.tie == "ge", cpu_kernel.ISAS[isa])
+
+
+def assert_equals_reference(out, spec, x):
+    expected = reference.hard(spec, x)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    result = compare(out, expected, exclude=reference.near_ties(spec, x))
+    assert result, result.summary()
+
+
+def test_kernel_is_built_and_registered(ext):
+    assert ext.isa() in ("avx512", "avx2", "scalar")
+    assert cpu_kernel.available() and cpu_kernel.failure() is None
+    spec = make_spec(depth=3)
+    x = random_input(spec, (4,), 0)
+    cpu_kernel.last_path = None
+    ops.run_tree(spec, x)
+    assert cpu_kernel.last_path == "kernel"
+
+
+@settings(max_examples=40)
+@given(spec=specs(master=False), lead=batch_shapes(), seed=st.integers(0, 2 ** 31 - 1))
+def test_kernel_equals_reference(ext, spec, lead, seed):
+    x = random_input(spec, lead, seed)
+    for isa in isas(ext):
+        assert_equals_reference(run_ext(ext, spec, x, isa), spec, x)
+
+
+@settings(max_examples=15)
+@given(spec=specs(master=False, max_depth=4), seed=st.integers(0, 2 ** 31 - 1))
+def test_op_through_the_dispatcher_runs_the_kernel(ext, spec, seed):
+    x = random_input(spec, (3, 5), seed)
+    cpu_kernel.last_path = None
+    out = ops.run_tree(spec, x)
+    assert cpu_kernel.last_path == "kernel"
+    assert_equals_reference(out, spec, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("form,linear", [("leaf_mlp", False), ("leaf_mlp", True), ("neuron_tree", False)])
+def test_every_activation_and_dtype(ext, form, linear, activation, dtype):
+    # widths that are not multiples of any vector width: the vector blocks and the scalar tails both run
+    spec = make_spec(form=form, depth=4, d_in=45, d_out=27, leaf_width=21, trees=3, activation=activation,
+                     dtype=dtype, linear_leaves=linear, seed=5)
+    x = random_input(spec, (11,), 6)
+    for isa in isas(ext):
+        assert_equals_reference(run_ext(ext, spec, x, isa), spec, x)
+
+
+@pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_batches_parallel_and_grouped_by_leaf(ext, form, threads):
+    """Enough rows per leaf for the 4-row GEMM blocks, and enough work for the parallel split."""
+    spec = make_spec(form=form, depth=5, d_in=96, d_out=80, leaf_width=16, trees=2, activation="gelu", seed=7)
+    x = random_input(spec, (700,), 8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for isa in isas(ext):
+            assert_equals_reference(run_ext(ext, spec, x, isa), spec, x)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _tied(form: str, tie: str, dtype: torch.dtype, negative_zero: bool) -> FFFSpec:
+    """Every decision logit exactly 0 (zero node weights and biases), leaves all different."""
+    spec = make_spec(form=form, depth=3, d_in=13, d_out=6, leaf_width=5, trees=2, tie=tie, dtype=dtype, seed=9)
+    zero = -0.0 if negative_zero else 0.0
+    return spec.replace(node_weight=torch.zeros_like(spec.node_weight),
+                        node_bias=torch.full_like(spec.node_bias, zero))
+
+
+@pytest.mark.parametrize("negative_zero", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tie", ["ge", "gt"])
+def test_exact_ties_follow_the_tie_rule(ext, tie, dtype, negative_zero):
+    leaf_spec = _tied("leaf_mlp", tie, dtype, negative_zero)
+    x = random_input(leaf_spec, (4,), 10)
+    # form A: z = 0 everywhere, so "ge" goes right to the last leaf and "gt" left to leaf 0
+    j = leaf_spec.n_leaves - 1 if tie == "ge" else 0
+    cd = reference.compute_dtype(dtype)
+    X = x.to(cd)
+    h = torch.relu(X @ leaf_spec.leaf_w1[j].to(cd) + leaf_spec.leaf_b1[j].to(cd))
+    expected = (h @ leaf_spec.leaf_w2[j].to(cd) + leaf_spec.leaf_b2[j].to(cd)).to(dtype)
+    # form B: a = 0 on every neuron and s(0) = 1/2, so y = out_bias + sum of the path's out_weight rows / 2
+    neuron_spec = _tied("neuron_tree", tie, dtype, negative_zero).replace(activation="sigmoid")
+    for isa in isas(ext):
+        got = run_ext(ext, leaf_spec, x, isa)
+        torch.testing.assert_close(got, expected, atol=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5,
+                                   rtol=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5)
+        nodes = [0]
+        for _ in range(neuron_spec.depth):
+            nodes.append(2 * nodes[-1] + (2 if tie == "ge" else 1))
+        V = neuron_spec.out_weight.to(cd)
+        want = (0.5 * V[:, nodes].sum((0, 1)) + neuron_spec.out_bias.to(cd)).to(dtype).expand(4, -1)
+        got_b = run_ext(ext, neuron_spec, x, isa)
+        torch.testing.assert_close(got_b, want, atol=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6,
+                                   rtol=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6)
+        assert compare(got_b, reference.hard(neuron_spec, x))
+        assert compare(got, reference.hard(leaf_spec, x))
+
+
+def test_noncontiguous_input_and_weights(ext):
+    spec = make_spec(form="neuron_tree", depth=3, d_in=10, d_out=7, trees=2, seed=11)
+    wide = torch.zeros(*spec.node_weight.shape[:-1], 2 * spec.d_in)
+    wide[..., ::2] = spec.node_weight
+    strided = spec.replace(node_weight=wide[..., ::2])
+    assert not strided.node_weight.is_contiguous()
+    x = random_input(spec, (3, 4), 13).transpose(0, 1)
+    assert not x.is_contiguous()
+    assert_equals_reference(run_ext(ext, strided, x, "scalar"), spec, x)
+    assert_equals_reference(ops.run_tree(strided, x), spec, x)
+
+
+def test_refused_calls_run_the_reference(ext, monkeypatch):
+    spec = make_spec(depth=3, activation="gelu", seed=14)
+    x = random_input(spec, (5,), 15)
+    # x in another dtype than the weights: the kernel refuses, the reference converts
+    x64 = x.double()
+    assert "float64" in cpu_kernel.refusal(x64, ops.op_arguments(spec)[:6], "gelu")
+    cpu_kernel.last_path = None
+    out = ops.run_tree(spec, x64)
+    assert cpu_kernel.last_path == "reference"
+    torch.testing.assert_close(out, reference.hard(spec, x64))
+    # an activation the kernel does not implement
+    monkeypatch.setattr(cpu_kernel, "ACTIVATION_CODES", {k: v for k, v in cpu_kernel.ACTIVATION_CODES.items() if k != "gelu"})
+    assert "gelu" in cpu_kernel.refusal(x, ops.op_arguments(spec)[:6], "gelu")
+    out = ops.run_tree(spec, x)
+    assert cpu_kernel.last_path == "reference"
+    torch.testing.assert_close(out, reference.hard(spec, x))
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    full = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "tests"), **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=600)
+
+
+_FALLBACK_CHECK = """
+import torch, fffcompile
+from fffcompile import ops, reference
+from fffcompile.runtime import cpu_kernel
+from specs import make_spec, random_input
+for form in ("leaf_mlp", "neuron_tree"):
+    spec = make_spec(form=form, depth=3, trees=2)
+    x = random_input(spec, (4,), 0)
+    out = ops.run_tree(spec, x)
+    assert cpu_kernel.last_path == "reference", cpu_kernel.last_path
+    torch.testing.assert_close(out, reference.hard(spec, x))
+print("FAILURE:", cpu_kernel.failure())
+"""
+
+
+def test_failed_build_falls_back_to_the_reference(tmp_path):
+    """A compiler that does not exist: one logged line, the reference runs, nothing raises."""
+    result = _python(_FALLBACK_CHECK, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "FAILURE: " in result.stdout and "FAILURE: None" not in result.stdout
+    assert result.stderr.count("CPU kernel unavailable") == 1
+
+
+def test_disabled_kernel_falls_back_to_the_reference():
+    result = _python(_FALLBACK_CHECK, FFFCOMPILE_CPU_KERNEL="0")
+    assert result.returncode == 0, result.stderr
+    assert "FFFCOMPILE_CPU_KERNEL=0" in result.stdout
+
+
+def test_import_does_not_build():
+    result = _python("import fffcompile, fffcompile.runtime\n"
+                     "from fffcompile.runtime import cpu_kernel\n"
+                     "import sys\n"
+                     "print(cpu_kernel._extension is None and cpu_kernel.failure() is None,"
+                     " any(m.startswith('fffcompile_cpu_') for m in sys.modules))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "False"]
+
+
+@pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
+def test_fused_module_inference_and_training(ext, form):
+    spec = make_spec(form=form, depth=4, d_in=24, d_out=12, leaf_width=8, trees=2, activation="silu",
+                     master=3 if form == "leaf_mlp" else 0, seed=16)
+    module = FusedFFF(spec).eval()
+    x = random_input(spec, (2, 9), 17)
+    expected = reference.hard(spec.without_master(), x) if not spec.has_master else None
+    with torch.no_grad():
+        fast = module(x)
+    with torch.enable_grad():
+        slow = module(x)
+        slow.sum().backward()
+    assert module.leaf_w1.grad is not None if form == "leaf_mlp" else module.out_weight.grad is not None
+    torch.testing.assert_close(fast, slow.detach())
+    if expected is not None:
+        assert_equals_reference(fast, spec, x)
