@@ -238,3 +238,29 @@ def test_fused_module_inference_and_training(ext, form):
     torch.testing.assert_close(fast, slow.detach())
     if expected is not None:
         assert_equals_reference(fast, spec, x)
+
+
+def test_fused_module_fast_path_is_used_and_follows_the_weights(ext):
+    import copy
+    import pickle
+    spec = make_spec(form="neuron_tree", depth=3, d_in=16, d_out=8, trees=2, activation="gelu", seed=18)
+    module = FusedFFF(spec).eval()
+    x = random_input(spec, (5,), 19)
+    with torch.no_grad():
+        y = module(x)
+        assert module._fast, "no-grad CPU inference must run through the C++ handle"
+        assert_equals_reference(y, spec, x)
+        module.out_weight.mul_(2)                          # in place: the handle sees it
+        assert_equals_reference(module(x), spec.replace(out_weight=spec.out_weight * 2), x)
+        module.out_weight = torch.nn.Parameter(spec.out_weight.clone())   # replaced: the handle is rebuilt
+        assert module._fast is None
+        assert_equals_reference(module(x), spec, x)
+        module.double()                                    # cast: rebuilt for float64
+        assert module._fast is None
+        x64 = x.double()
+        assert_equals_reference(module(x64), spec.to(torch.float64), x64)
+        assert module._fast and module._fast_dtype == torch.float64
+        clone = copy.deepcopy(module)
+        torch.testing.assert_close(clone(x64), module(x64))
+        restored = pickle.loads(pickle.dumps(module))
+        torch.testing.assert_close(restored(x64), module(x64))

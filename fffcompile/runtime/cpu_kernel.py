@@ -16,8 +16,8 @@ and every call runs ``reference.hard`` (the ops' pure-torch default): never an e
 Registered with ``torch.library.register_kernel(op, "cpu")`` on the existing custom ops, so the
 ops' fake function and autograd formula stay as they are. ``refusal(...)`` says why a call goes
 to the reference instead (x's dtype differs from the weights', an activation the kernel does not
-know, the kernel unavailable); ``FusedFFF`` calls ``direct_call`` to skip the dispatcher in
-no-grad CPU inference.
+know, the kernel unavailable); ``prepare`` gives ``FusedFFF`` a handle that skips the dispatcher
+in no-grad CPU inference (one C++ call per forward).
 """
 from __future__ import annotations
 
@@ -145,10 +145,23 @@ def neuron_tree_cpu(x: Tensor, node_weight: Tensor, node_bias: Tensor, out_weigh
     return reference.hard(spec, x)
 
 
-def direct_call(form: str):
-    """The extension's raw function for ``form`` when it is loaded (else None): no dispatcher, no checks
-    beyond the C++ ones; callers guarantee CPU tensors of one dtype, no autograd, no tracing."""
+def prepare(form: str, node_weight: Tensor, node_bias: Tensor, a: Tensor, b: Tensor, leaf_w2: Optional[Tensor],
+            leaf_b2: Optional[Tensor], activation: str, tie: str):
+    """A C++ handle holding one layer's weights, ``handle(x) -> y`` (the op without the dispatcher), or
+    None when the kernel would not run them (not loaded, not CPU, mixed dtypes, unknown activation).
+
+    ``a, b`` are (leaf_w1, leaf_b1) for form A and (out_weight, out_bias) for form B. The handle keeps
+    the very tensors, so in-place updates (and ``param.data = ...``) are seen; a caller that replaces
+    a parameter object must prepare again. Callers guarantee no autograd and no tracing, and x of the
+    weights' dtype on CPU (the C++ side checks dtype and shape and raises otherwise).
+    """
+    tensors = [t for t in (node_weight, node_bias, a, b, leaf_w2, leaf_b2) if t is not None]
+    if activation not in ACTIVATION_CODES or any(t.device.type != "cpu" for t in tensors):
+        return None
+    if len({t.dtype for t in tensors}) != 1 or node_weight.dtype not in DTYPES:
+        return None
     ext = load()
     if ext is None:
         return None
-    return ext.leaf_mlp_tree if form == "leaf_mlp" else ext.neuron_tree
+    return ext.Prepared(form == "leaf_mlp", node_weight, node_bias, a, b, leaf_w2, leaf_b2,
+                        ACTIVATION_CODES[activation], tie == "ge")

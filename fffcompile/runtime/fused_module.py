@@ -4,6 +4,12 @@ forward(x) = op(x, weights) for the tree (``torch.ops.fffcompile.leaf_mlp_tree``
 ``neuron_tree``), and for form C the master leaf blended in plain torch:
 y = s(k) * op(x) + (1 - s(k)) * (act(x W1 + b1) W2 + b2). The weights are Parameters, so the
 hardened model can be fine-tuned (the op's backward reaches x and the used leaves).
+
+Fast path: in CPU inference (autograd off, a plain ``torch.Tensor`` of the weights' dtype, not
+under torch.compile, export or jit tracing) the tree runs through a C++ handle that holds the
+weights (``cpu_kernel.prepare``), skipping the dispatcher: one C++ call per forward. The handle
+is the same kernel the op's CPU implementation calls, so the numbers are identical; it is built
+on the first such call and dropped when the parameters are moved, cast or replaced.
 """
 from __future__ import annotations
 
@@ -12,6 +18,10 @@ from torch import nn
 
 from .. import activations
 from ..spec import FFFSpec
+from . import cpu_kernel
+
+_WEIGHTS = ("node_weight", "node_bias", "leaf_w1", "leaf_b1", "leaf_w2", "leaf_b2", "out_weight", "out_bias",
+            "master_w1", "master_b1", "master_w2", "master_b2", "master_logit")
 
 
 class FusedFFF(nn.Module):
@@ -20,10 +30,41 @@ class FusedFFF(nn.Module):
         self.form, self.depth, self.activation, self.tie = spec.form, spec.depth, spec.activation, spec.tie
         self.master_activation = spec.master_activation
         self.source, self.where = spec.source, where
-        for name in ("node_weight", "node_bias", "leaf_w1", "leaf_b1", "leaf_w2", "leaf_b2", "out_weight",
-                     "out_bias", "master_w1", "master_b1", "master_w2", "master_b2", "master_logit"):
+        for name in _WEIGHTS:
             value = getattr(spec, name)
             self.register_parameter(name, None if value is None else nn.Parameter(value.detach().clone()))
+        self._drop_fast()
+
+    # ----------------------------------------------------------------- the C++ handle (fast path)
+    def _drop_fast(self):
+        object.__setattr__(self, "_fast", None)        # None: not tried; False: refused; else the handle
+        object.__setattr__(self, "_fast_dtype", None)
+        object.__setattr__(self, "_fast_master", None)
+
+    def _make_fast(self):
+        if self.form == "leaf_mlp":
+            handle = cpu_kernel.prepare(self.form, self.node_weight, self.node_bias, self.leaf_w1, self.leaf_b1,
+                                        self.leaf_w2, self.leaf_b2, self.activation, self.tie)
+        else:
+            handle = cpu_kernel.prepare(self.form, self.node_weight, self.node_bias, self.out_weight, self.out_bias,
+                                        None, None, self.activation, self.tie)
+        object.__setattr__(self, "_fast", handle if handle is not None else False)
+        object.__setattr__(self, "_fast_dtype", self.node_weight.dtype)
+        object.__setattr__(self, "_fast_master", self.master_w1 is not None)
+
+    def _apply(self, fn, *args, **kwargs):   # .to(), .cuda(), .half(), ...: weights may move or change dtype
+        self._drop_fast()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __setattr__(self, name, value):      # a replaced parameter (load_state_dict(assign=True), ...)
+        if name in _WEIGHTS:
+            self._drop_fast()
+        super().__setattr__(name, value)
+
+    def __getstate__(self):                  # the handle is a process-local C++ object
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state, _fast=None, _fast_dtype=None, _fast_master=None)
+        return state
 
     @property
     def spec(self) -> FFFSpec:
@@ -35,6 +76,18 @@ class FusedFFF(nn.Module):
         return f"{self.spec.describe()}" + (f", from {self.where}" if self.where else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast
+        if (fast is not False and type(x) is torch.Tensor and not torch.is_grad_enabled() and x.is_cpu
+                and not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None):
+            if fast is None:
+                self._make_fast()
+                fast = self._fast
+            if fast and x.dtype == self._fast_dtype:
+                if not self._fast_master:
+                    return fast(x)
+                master = activations.apply(self.master_activation, x @ self.master_w1 + self.master_b1) @ self.master_w2 + self.master_b2
+                k = torch.sigmoid(self.master_logit.reshape(()))
+                return k * fast(x) + (1 - k) * master
         weight_dtype = self.node_weight.dtype
         xw = x if x.dtype == weight_dtype else x.to(weight_dtype)
         if self.form == "leaf_mlp":

@@ -262,7 +262,11 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
       A z[4];
       for (int level = 0; level <= p.depth; ++level) {
         for (int r = 0; r < 4; ++r) wr[r] = TW + node[r < nr ? r : 0] * d;
-        for (int r = 0; r < nr; ++r) prefetch_bytes(TV + node[r] * m, m * int64_t(sizeof(S)));
+        if (level < p.depth)  // both children (adjacent rows) of W and V, a level ahead of their use
+          for (int r = 0; r < nr; ++r) {
+            prefetch_bytes(TW + (2 * node[r] + 1) * d, 2 * d * int64_t(sizeof(S)));
+            prefetch_bytes(TV + (2 * node[r] + 1) * m, 2 * m * int64_t(sizeof(S)));
+          }
         switch (nr) {
           case 4: dots<V, 4>(xr, wr, d, z); break;
           case 3: dots<V, 3>(xr, wr, d, z); break;
@@ -273,7 +277,6 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
           const A a = z[r] + static_cast<A>(TB[node[r]]);
           const bool right = p.tie_ge ? (a >= A(0)) : (a > A(0));
           const int64_t child = 2 * node[r] + 1 + (right ? 1 : 0);
-          if (level < p.depth) prefetch_bytes(TW + child * d, d * int64_t(sizeof(S)));
           axpy<V>(yr[r], activation<A>(p.act, a), TV + node[r] * m, m);
           node[r] = child;
         }

@@ -256,21 +256,22 @@ at::Tensor leaf_mlp_tree(const at::Tensor& x, const at::Tensor& node_weight, con
                          const at::Tensor& leaf_w1, const at::Tensor& leaf_b1, const c10::optional<at::Tensor>& leaf_w2,
                          const c10::optional<at::Tensor>& leaf_b2, int64_t act, bool tie_ge, int64_t isa) {
   const auto dtype = node_weight.scalar_type();
+  TORCH_CHECK(node_weight.dim() == 2 && node_weight.size(1) >= 1, "node_weight must be (2^D - 1, d_in) with d_in >= 1");
   const int64_t d_in = node_weight.size(1);
-  TORCH_CHECK(x.size(-1) == d_in, "input has last dim ", x.size(-1), ", the FFF expects d_in = ", d_in);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d_in, "input has last dim ", x.dim() ? x.size(-1) : 0, ", the FFF expects d_in = ", d_in);
   const bool mlp = leaf_w2.has_value() && leaf_w2->defined();
   at::Tensor w2, b2;
   if (mlp) { w2 = leaf_w2->contiguous(); b2 = leaf_b2->contiguous(); check_float(w2, dtype, "leaf_w2"); check_float(b2, dtype, "leaf_b2"); }
   for (auto* t : {&x, &node_bias, &leaf_w1, &leaf_b1}) check_float(*t, dtype, "argument");
-  at::Tensor X = x.reshape({-1, d_in}).contiguous();
+  const at::Tensor X = x.contiguous();
   at::Tensor nw = node_weight.contiguous(), nb = node_bias.contiguous(), w1 = leaf_w1.contiguous(), b1 = leaf_b1.contiguous();
   const int64_t width = w1.size(2), d_out = mlp ? w2.size(2) : width;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  c10::SmallVector<int64_t, 4> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
-  at::Tensor out = at::empty({X.size(0), d_out}, x.options());
+  at::Tensor out = at::empty(out_shape, x.options());
   LeafArgs p{X.data_ptr(), out.data_ptr(), nw.data_ptr(), nb.data_ptr(), w1.data_ptr(), b1.data_ptr(),
              mlp ? w2.data_ptr() : nullptr, mlp ? b2.data_ptr() : nullptr,
-             X.size(0), d_in, width, d_out, static_cast<int>(64 - __builtin_clzll(uint64_t(nw.size(0) + 1)) - 1),
+             X.numel() / d_in, d_in, width, d_out, static_cast<int>(64 - __builtin_clzll(uint64_t(nw.size(0) + 1)) - 1),
              static_cast<int>(act), tie_ge};
   if (p.rows > 0) {
     const int chosen = resolve_isa(isa);
@@ -282,23 +283,24 @@ at::Tensor leaf_mlp_tree(const at::Tensor& x, const at::Tensor& node_weight, con
       default: TORCH_CHECK(false, "unsupported dtype ", dtype);
     }
   }
-  return out.view(out_shape);
+  return out;
 }
 
 at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const at::Tensor& node_bias,
                        const at::Tensor& out_weight, const at::Tensor& out_bias, int64_t act, bool tie_ge, int64_t isa) {
   const auto dtype = node_weight.scalar_type();
+  TORCH_CHECK(node_weight.dim() == 3 && node_weight.size(2) >= 1, "node_weight must be (P, 2^(D+1) - 1, d_in) with d_in >= 1");
   const int64_t d_in = node_weight.size(2);
-  TORCH_CHECK(x.size(-1) == d_in, "input has last dim ", x.size(-1), ", the FFF expects d_in = ", d_in);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d_in, "input has last dim ", x.dim() ? x.size(-1) : 0, ", the FFF expects d_in = ", d_in);
   for (auto* t : {&x, &node_bias, &out_weight, &out_bias}) check_float(*t, dtype, "argument");
-  at::Tensor X = x.reshape({-1, d_in}).contiguous();
+  const at::Tensor X = x.contiguous();
   at::Tensor nw = node_weight.contiguous(), nb = node_bias.contiguous(), ow = out_weight.contiguous(), ob = out_bias.contiguous();
   const int64_t d_out = ow.size(2), nodes = nw.size(1);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  c10::SmallVector<int64_t, 4> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
-  at::Tensor out = at::empty({X.size(0), d_out}, x.options());
+  at::Tensor out = at::empty(out_shape, x.options());
   NeuronArgs p{X.data_ptr(), out.data_ptr(), nw.data_ptr(), nb.data_ptr(), ow.data_ptr(), ob.data_ptr(),
-               X.size(0), d_in, d_out, nw.size(0), nodes,
+               X.numel() / d_in, d_in, d_out, nw.size(0), nodes,
                static_cast<int>(64 - __builtin_clzll(uint64_t(nodes + 1)) - 2), static_cast<int>(act), tie_ge};
   if (p.rows > 0) {
     const int chosen = resolve_isa(isa);
@@ -310,8 +312,21 @@ at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const
       default: TORCH_CHECK(false, "unsupported dtype ", dtype);
     }
   }
-  return out.view(out_shape);
+  return out;
 }
+
+// A layer's weights held once (the very tensors: in-place updates and `.data =` are seen), so that a
+// call passes one tensor through pybind instead of seven.
+struct Prepared {
+  bool leaf;
+  at::Tensor nw, nb, a, b;            // form A: leaf_w1, leaf_b1; form B: out_weight, out_bias
+  c10::optional<at::Tensor> w2, b2;   // form A only
+  int64_t act;
+  bool tie_ge;
+  at::Tensor call(const at::Tensor& x) const {
+    return leaf ? leaf_mlp_tree(x, nw, nb, a, b, w2, b2, act, tie_ge, -1) : neuron_tree(x, nw, nb, a, b, act, tie_ge, -1);
+  }
+};
 
 }  // namespace fff
 
@@ -323,5 +338,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("neuron_tree", &fff::neuron_tree, "form B: neuron tree, hard descent",
         py::arg("x"), py::arg("node_weight"), py::arg("node_bias"), py::arg("out_weight"), py::arg("out_bias"),
         py::arg("act"), py::arg("tie_ge"), py::arg("isa") = -1);
+  py::class_<fff::Prepared>(m, "Prepared", "one layer's weights, held for repeated calls: prepared(x) -> y")
+      .def(py::init([](bool leaf, at::Tensor nw, at::Tensor nb, at::Tensor a, at::Tensor b, c10::optional<at::Tensor> w2,
+                       c10::optional<at::Tensor> b2, int64_t act, bool tie_ge) {
+             return fff::Prepared{leaf, nw, nb, a, b, w2, b2, act, tie_ge};
+           }),
+           py::arg("leaf"), py::arg("node_weight"), py::arg("node_bias"), py::arg("a"), py::arg("b"), py::arg("leaf_w2"),
+           py::arg("leaf_b2"), py::arg("act"), py::arg("tie_ge"))
+      .def("__call__", &fff::Prepared::call, py::arg("x"));
   m.def("isa", []() { return std::string(fff::isa_name(fff::g_isa)); }, "instruction set chosen at load");
 }
