@@ -1,0 +1,297 @@
+"""CPU benchmark: fffcompile against everything a user could run instead, in one process, same inputs.
+
+Two shapes (issue 4):
+
+- ``ufb``: UltraFastBERT 1x11: one neuron tree of depth 11 (4095 neurons, 12 used per token),
+  d = 768, GELU, tie "gt"; dense layer 768-3072-768 (BERT-base feedforward).
+- ``leaf``: form A, d = 768, depth 8, leaf width 16 (256 leaves); dense layer 768-4096-768.
+
+Methods, all on the same weights and the same input rows:
+
+- ``dense``: Linear -> activation -> Linear of the training width (the baseline of every ratio);
+- ``soft``: the training graph (form B: every neuron times a 0/1 path mask, ``fffcompile.nn.NeuronTree``
+  in train mode; form A: the ``fastfeedforward`` package's training forward, mixing all leaves);
+- ``ff_eval``: the ``fastfeedforward`` package's own eval path (form A only);
+- ``torch_hard``: the vectorised hard form in torch eager (``reference.hard``: one gather per level);
+- ``torch_hard_compiled``: the same function through ``torch.compile`` (one compile per batch size);
+- ``fffcompile``: ``fffcompile.optimize(model)`` of the soft model (``FusedFFF`` and its C++ kernel).
+
+Timing: every call gets fresh rows (a pool of inputs larger than the caches is cycled), methods
+are interleaved round by round, the figure is the median over rounds of the time per call (small
+batches time several consecutive calls per round). Ratios are dense time / method time. Runs at
+1 thread and at all threads. Results print as a table and are written as JSON and a PNG plot.
+A machine shared with other jobs gives noisy figures: compare runs on a quiet machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import reference
+from .compare import compare
+from .spec import FFFSpec
+
+BATCHES = (1, 128, 1024, 4096)
+SHAPES = ("ufb", "leaf")
+METHODS = ("dense", "soft", "ff_eval", "torch_hard", "torch_hard_compiled", "fffcompile")
+# issue 4's goals: ratio to dense at 1 thread
+GOALS = {("ufb", 1): 150, ("ufb", 128): 35, ("ufb", 4096): 35, ("leaf", 1): 100, ("leaf", 1024): 30}
+
+
+@dataclass
+class Shape:
+    name: str
+    title: str
+    spec: FFFSpec
+    methods: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _dense(width: int, hidden: int, activation: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, hidden), activation, nn.Linear(hidden, width)).eval()
+
+
+def _fused_of(model: nn.Module, example: torch.Tensor, spec: FFFSpec, notes: list[str]) -> nn.Module:
+    """optimize(model), or FusedFFF(spec) when optimize leaves the layer (said in the notes)."""
+    from . import optimize
+    from .runtime import FusedFFF
+    try:
+        optimized = optimize(model, example)
+        if optimized.report.rewritten and any(isinstance(m, FusedFFF) for m in optimized.modules()):
+            return optimized.eval()
+        notes.append(f"optimize() left the layer ({optimized.report.left}); timed FusedFFF(spec)")
+    except Exception as error:  # the benchmark still times the kernel, and says why
+        notes.append(f"optimize() failed ({type(error).__name__}: {error}); timed FusedFFF(spec)")
+    return FusedFFF(spec).eval()
+
+
+def build_ufb(seed: int = 0) -> Shape:
+    from .nn import NeuronTree
+    torch.manual_seed(seed)
+    soft = NeuronTree(768, 768, depth=11, trees=1, activation="gelu", tie="gt")
+    spec = FFFSpec("neuron_tree", 11, "gelu", node_weight=soft.in_weight.detach(), node_bias=soft.in_bias.detach(),
+                   out_weight=soft.out_weight.detach(), out_bias=soft.out_bias.detach(), tie="gt", source="hard")
+    shape = Shape("ufb", "UltraFastBERT 1x11 (d 768, depth 11, 12/4095 neurons) vs dense 768-3072-768", spec)
+    shape.methods["dense"] = _dense(768, 3072, nn.GELU())
+    shape.methods["soft"] = soft.train()
+    shape.methods["fffcompile"] = _fused_of(soft.eval(), torch.randn(8, 768), spec, shape.notes)
+    soft.train()
+    return shape
+
+
+def build_leaf(seed: int = 0) -> Optional[Shape]:
+    try:
+        import fastfeedforward
+    except ImportError:
+        return None
+    torch.manual_seed(seed)
+    ff = fastfeedforward.FFF(768, 16, 768, 8, activation=nn.ReLU())
+    spec = FFFSpec("leaf_mlp", 8, "relu", node_weight=ff.node_weights.detach(), node_bias=ff.node_biases.detach().reshape(-1),
+                   leaf_w1=ff.w1s.detach(), leaf_b1=ff.b1s.detach(), leaf_w2=ff.w2s.detach(), leaf_b2=ff.b2s.detach(),
+                   tie="ge", source="soft")
+    shape = Shape("leaf", "form A (d 768, depth 8, leaf width 16) vs dense 768-4096-768", spec)
+    shape.methods["dense"] = _dense(768, 4096, nn.ReLU())
+    train_copy = fastfeedforward.FFF(768, 16, 768, 8, activation=nn.ReLU())
+    train_copy.load_state_dict(ff.state_dict())
+    shape.methods["soft"] = train_copy.train()
+    shape.methods["ff_eval"] = ff.eval()
+    shape.methods["fffcompile"] = _fused_of(ff.eval(), torch.randn(8, 768), spec, shape.notes)
+    ff.eval()
+    return shape
+
+
+def _add_torch_hard(shape: Shape, compiled: bool):
+    spec = shape.spec
+    hard = lambda x: reference.hard(spec, x)
+    shape.methods["torch_hard"] = hard
+    if compiled:
+        shape.methods["torch_hard_compiled"] = torch.compile(hard, dynamic=False)
+
+
+def _check(shape: Shape, x: torch.Tensor) -> str:
+    """fffcompile's output equals the hard form's on the benchmark rows (near ties excluded)."""
+    with torch.no_grad():
+        got = shape.methods["fffcompile"](x)
+    result = compare(got, reference.hard(shape.spec, x), exclude=reference.near_ties(shape.spec, x))
+    if not result:
+        raise AssertionError(f"{shape.name}: fffcompile differs from the hard form: {result.summary()}")
+    return result.summary()
+
+
+# The fastfeedforward training forward materialises (batch, leaves, d_out): skipped above this many bytes.
+MAX_SOFT_BYTES = 1 << 30
+
+
+def skip_methods(shape: Shape, batch: int) -> dict[str, str]:
+    """Methods left out at this batch, with the reason."""
+    skip = {}
+    if shape.spec.form == "leaf_mlp" and "soft" in shape.methods:
+        need = batch * shape.spec.n_leaves * shape.spec.d_out * 4
+        if need > MAX_SOFT_BYTES:
+            skip["soft"] = f"the training forward would allocate {need / 2 ** 30:.1f} GiB at batch {batch}"
+    return skip
+
+
+def _time_round(fn, pool: list[torch.Tensor], start: int, calls: int) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    for i in range(calls):
+        fn(pool[(start + i) % len(pool)])
+    return (time.perf_counter() - t0) / calls, start + calls
+
+
+def measure(shape: Shape, batch: int, threads: int, rounds: int, budget_s: float, seed: int = 0) -> dict[str, float]:
+    """Median seconds per call of every method on fresh rows, methods interleaved round by round."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(seed + batch)
+    # enough distinct rows that repeated calls do not find their paths in cache (>= 256 rows, >= 2 batches)
+    pool_size = max(2, -(-256 // batch))
+    pool = [torch.randn(batch, shape.spec.d_in, generator=g) for _ in range(pool_size)]
+    methods = {name: fn for name, fn in shape.methods.items() if name not in skip_methods(shape, batch)}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    cursor = {name: 0 for name in methods}
+    calls = {}
+    with torch.no_grad():
+        for name, fn in methods.items():        # warm-up (and compile), and calls per round from one timing
+            fn(pool[0])
+            t, _ = _time_round(fn, pool, 0, 1)
+            calls[name] = max(1, min(200, int(0.002 / max(t, 1e-9))))
+        started = time.perf_counter()
+        for r in range(rounds):
+            for name, fn in methods.items():
+                t, cursor[name] = _time_round(fn, pool, cursor[name], calls[name])
+                times[name].append(t)
+            if r >= 2 and time.perf_counter() - started > budget_s:
+                break
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run(shapes=SHAPES, batches=BATCHES, threads: Optional[list[int]] = None, rounds: int = 9, budget_s: float = 20.0,
+        compiled: bool = True, log=print) -> dict:
+    """Run the benchmark; returns the JSON-ready results."""
+    all_threads = threads or sorted({1, torch.get_num_threads()})
+    initial_threads = torch.get_num_threads()
+    from .runtime import cpu_kernel
+    results = {"machine": machine_info(cpu_kernel), "rounds": rounds, "results": [], "notes": {}, "checks": {}}
+    builders = {"ufb": build_ufb, "leaf": build_leaf}
+    try:
+        for name in shapes:
+            shape = builders[name]()
+            if shape is None:
+                results["notes"][name] = ["skipped: the fastfeedforward package is not installed"]
+                continue
+            _add_torch_hard(shape, compiled)
+            results["notes"][name] = shape.notes
+            results["checks"][name] = _check(shape, torch.randn(64, shape.spec.d_in))
+            log(f"# {shape.title}: fffcompile vs hard form {results['checks'][name]}")
+            for note in shape.notes:
+                log(f"# note: {note}")
+            log(header())
+            for t in all_threads:
+                for batch in batches:
+                    for method, why in skip_methods(shape, batch).items():
+                        note = f"{method} skipped: {why}"
+                        if note not in shape.notes:
+                            shape.notes.append(note)
+                            log(f"# note: {note}")
+                    medians = measure(shape, batch, t, rounds, budget_s)
+                    row = {"shape": name, "batch": batch, "threads": t,
+                           "seconds": medians, "ratio_to_dense": {k: medians["dense"] / v for k, v in medians.items()}}
+                    results["results"].append(row)
+                    log(format_row(row))
+    finally:
+        torch.set_num_threads(initial_threads)
+    return results
+
+
+def machine_info(cpu_kernel) -> dict:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "kernel_isa": cpu_kernel.isa(),
+            "kernel_failure": cpu_kernel.failure(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def header() -> str:
+    """Column titles; each cell is 'time per call  ratio to dense' (+ goal met, ! goal missed)."""
+    cols = "".join(f"{m:>22}" for m in METHODS)
+    return f"{'shape':<6}{'batch':>6}{'thr':>4}{cols}"
+
+
+def format_row(row: dict) -> str:
+    cells = []
+    for m in METHODS:
+        if m not in row["seconds"]:
+            cells.append(f"{'-':>22}")
+            continue
+        s, ratio = row["seconds"][m], row["ratio_to_dense"][m]
+        goal = GOALS.get((row["shape"], row["batch"])) if m == "fffcompile" and row["threads"] == 1 else None
+        mark = "" if goal is None else ("+" if ratio >= goal else "!")
+        cells.append(f"{_fmt_time(s):>10} {ratio:>8.1f}x{mark:1}")
+    return f"{row['shape']:<6}{row['batch']:>6}{row['threads']:>4}" + "".join(f"{c:>22}" for c in cells)
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e6:.1f}us" if s < 1e-3 else f"{s * 1e3:.2f}ms" if s < 1 else f"{s:.2f}s"
+
+
+def write_json(results: dict, path: str):
+    _atomic_write(path, json.dumps(results, indent=2).encode())
+
+
+def write_plot(results: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shapes = sorted({r["shape"] for r in results["results"]}, key=SHAPES.index)
+    fig, axes = plt.subplots(1, max(1, len(shapes)), figsize=(7 * max(1, len(shapes)), 5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rows = [r for r in results["results"] if r["shape"] == shape]
+        for threads, style in zip(sorted({r["threads"] for r in rows}), ("-", "--", ":")):
+            for method in METHODS:
+                pts = [(r["batch"], r["ratio_to_dense"][method]) for r in rows if r["threads"] == threads and method in r["seconds"]]
+                if method == "dense" or not pts:
+                    continue
+                ax.plot(*zip(*pts), style, marker="o", label=f"{method} ({threads} thr)")
+        for (s, b), goal in GOALS.items():
+            if s == shape:
+                ax.plot([b], [goal], "k*", markersize=10)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch (rows)")
+        ax.set_ylabel("speed-up over the dense layer (x)")
+        ax.set_title(shape + ("  (* = issue 4 goal, 1 thread)" if any(s == shape for s, _ in GOALS) else ""), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"fffcompile CPU benchmark: {results['machine']['cpu']} (kernel {results['machine']['kernel_isa']})", fontsize=10)
+    fig.tight_layout()
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    _atomic_write(path, buf.getvalue())
+
+
+def _atomic_write(path: str, data: bytes):
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
