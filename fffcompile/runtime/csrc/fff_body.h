@@ -21,6 +21,12 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
 }
 
+// Prefetch into L2 only (for rows needed two or more levels later).
+inline void prefetch_bytes_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
+}
+
 // z[r] = x[r] . w[r] (length n) for NR rows at once: independent streams keep several loads in flight.
 template <class V, int NR>
 inline void dots(const typename V::A* const* x, const typename V::S* const* w, int64_t n, typename V::A* z) {
@@ -94,6 +100,8 @@ inline void gemm_rows(const typename V::A* const* a, const typename V::S* B, int
   int64_t j = 0;
   for (; j + MVMAX * W <= m; j += MVMAX * W)
     gemm_block<V, NR, MVMAX, (NR * MVMAX >= 8 ? 1 : 8 / (NR * MVMAX))>(a, B, K, ldb, bias, y, j);
+  if (MVMAX > 2)
+    for (; j + 2 * W <= m; j += 2 * W) gemm_block<V, NR, 2, (2 * NR >= 8 ? 1 : 8 / (2 * NR))>(a, B, K, ldb, bias, y, j);
   for (; j + W <= m; j += W) gemm_block<V, NR, 1, (NR >= 4 ? 2 : 8 / NR)>(a, B, K, ldb, bias, y, j);
   for (; j < m; ++j)
     for (int r = 0; r < NR; ++r) {
@@ -166,7 +174,7 @@ void leaf_route(const LeafArgs& p, int64_t begin, int64_t end, int64_t* leaf) {
     for (int r = nr; r < 4; ++r) xr[r] = xr[0];
     for (int level = 0; level < p.depth; ++level) {
       for (int r = 0; r < 4; ++r) wr[r] = NW + node[r < nr ? r : 0] * d;
-      if (level + 1 < p.depth)  // both children are adjacent rows: fetch them while this level computes
+      if (level + 1 < p.depth && p.child_mode == 2)  // both children are adjacent rows: fetch them while this level computes
         for (int r = 0; r < nr; ++r) prefetch_bytes(NW + (2 * node[r] + 1) * d, 2 * d * int64_t(sizeof(S)));
       switch (nr) {
         case 4: dots<V, 4>(xr, wr, d, z); break;
@@ -262,10 +270,17 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
       A z[4];
       for (int level = 0; level <= p.depth; ++level) {
         for (int r = 0; r < 4; ++r) wr[r] = TW + node[r < nr ? r : 0] * d;
-        if (level < p.depth)  // both children (adjacent rows) of W and V, a level ahead of their use
+        if (p.child_mode == 3)
+          for (int r = 0; r < nr; ++r) prefetch_bytes(TV + node[r] * m, m * int64_t(sizeof(S)));
+        if (level < p.depth && p.child_mode == 2)  // both children (adjacent rows) of W and V, a level ahead of their use
           for (int r = 0; r < nr; ++r) {
             prefetch_bytes(TW + (2 * node[r] + 1) * d, 2 * d * int64_t(sizeof(S)));
             prefetch_bytes(TV + (2 * node[r] + 1) * m, 2 * m * int64_t(sizeof(S)));
+          }
+        if (nr <= p.deep_rows && level + 1 < p.depth)  // and the four grandchildren, into L2
+          for (int r = 0; r < nr; ++r) {
+            prefetch_bytes_l2(TW + (4 * node[r] + 3) * d, 4 * d * int64_t(sizeof(S)));
+            prefetch_bytes_l2(TV + (4 * node[r] + 3) * m, 4 * m * int64_t(sizeof(S)));
           }
         switch (nr) {
           case 4: dots<V, 4>(xr, wr, d, z); break;
@@ -277,6 +292,10 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
           const A a = z[r] + static_cast<A>(TB[node[r]]);
           const bool right = p.tie_ge ? (a >= A(0)) : (a > A(0));
           const int64_t child = 2 * node[r] + 1 + (right ? 1 : 0);
+          if (level < p.depth && p.child_mode >= 1 && p.child_mode != 2) {
+            prefetch_bytes(TW + child * d, d * int64_t(sizeof(S)));
+            if (p.child_mode == 1) prefetch_bytes(TV + child * m, m * int64_t(sizeof(S)));
+          }
           axpy<V>(yr[r], activation<A>(p.act, a), TV + node[r] * m, m);
           node[r] = child;
         }

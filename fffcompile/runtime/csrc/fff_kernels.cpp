@@ -54,13 +54,20 @@ struct LeafArgs {
   const void* x; void* out;
   const void *node_weight, *node_bias, *leaf_w1, *leaf_b1, *leaf_w2, *leaf_b2;
   int64_t rows, d_in, width, d_out; int depth; int act; bool tie_ge;
+  int child_mode;
 };
 
 struct NeuronArgs {
   const void* x; void* out;
   const void *node_weight, *node_bias, *out_weight, *out_bias;
   int64_t rows, d_in, d_out, trees, nodes; int depth; int act; bool tie_ge;
+  int deep_rows, child_mode;  // row blocks of at most this many rows also prefetch two levels ahead
 };
+
+// Tuning knobs (set once from Python for experiments; the defaults are the measured best).
+static int g_deep_rows = 0;
+static int g_child_mode = 0;
+static int g_child_mode_a = 2;
 
 // Scalar "vector" of one lane: the portable path, and the 16-bit types' path on every ISA.
 template <class Storage>
@@ -272,7 +279,7 @@ at::Tensor leaf_mlp_tree(const at::Tensor& x, const at::Tensor& node_weight, con
   LeafArgs p{X.data_ptr(), out.data_ptr(), nw.data_ptr(), nb.data_ptr(), w1.data_ptr(), b1.data_ptr(),
              mlp ? w2.data_ptr() : nullptr, mlp ? b2.data_ptr() : nullptr,
              X.numel() / d_in, d_in, width, d_out, static_cast<int>(64 - __builtin_clzll(uint64_t(nw.size(0) + 1)) - 1),
-             static_cast<int>(act), tie_ge};
+             static_cast<int>(act), tie_ge, g_child_mode_a};
   if (p.rows > 0) {
     const int chosen = resolve_isa(isa);
     switch (dtype) {
@@ -301,7 +308,7 @@ at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const
   at::Tensor out = at::empty(out_shape, x.options());
   NeuronArgs p{X.data_ptr(), out.data_ptr(), nw.data_ptr(), nb.data_ptr(), ow.data_ptr(), ob.data_ptr(),
                X.numel() / d_in, d_in, d_out, nw.size(0), nodes,
-               static_cast<int>(64 - __builtin_clzll(uint64_t(nodes + 1)) - 2), static_cast<int>(act), tie_ge};
+               static_cast<int>(64 - __builtin_clzll(uint64_t(nodes + 1)) - 2), static_cast<int>(act), tie_ge, g_deep_rows, g_child_mode};
   if (p.rows > 0) {
     const int chosen = resolve_isa(isa);
     switch (dtype) {
@@ -346,5 +353,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("leaf"), py::arg("node_weight"), py::arg("node_bias"), py::arg("a"), py::arg("b"), py::arg("leaf_w2"),
            py::arg("leaf_b2"), py::arg("act"), py::arg("tie_ge"))
       .def("__call__", &fff::Prepared::call, py::arg("x"));
+  m.def("_tune", [](int deep_rows, int child_mode, int child_mode_a) {
+          fff::g_deep_rows = deep_rows; fff::g_child_mode = child_mode; fff::g_child_mode_a = child_mode_a; },
+        "set tuning knobs (experiments only)");
   m.def("isa", []() { return std::string(fff::isa_name(fff::g_isa)); }, "instruction set chosen at load");
 }
