@@ -264,3 +264,34 @@ def test_fused_module_fast_path_is_used_and_follows_the_weights(ext):
         torch.testing.assert_close(clone(x64), module(x64))
         restored = pickle.loads(pickle.dumps(module))
         torch.testing.assert_close(restored(x64), module(x64))
+
+
+def test_fused_module_fast_call_leaves_hooks_tracing_and_export_alone(ext):
+    spec = make_spec(form="leaf_mlp", depth=3, d_in=12, d_out=6, leaf_width=4, seed=20)
+    module = FusedFFF(spec).eval()
+    x = random_input(spec, (3,), 21)
+    with torch.no_grad():
+        expected = module(x)
+        seen = []
+        handle = module.register_forward_hook(lambda mod, args, out: seen.append(out))
+        torch.testing.assert_close(module(x), expected)
+        handle.remove()
+        assert len(seen) == 1, "a forward hook must still fire"
+        traced = torch.jit.trace(module, (x,), check_trace=False)
+        assert "fffcompile::leaf_mlp_tree" in str(traced.graph), "jit.trace must record the op, not a C++ call"
+        wrong = torch.randn(3, 5)
+        with pytest.raises(Exception, match="d_in = 12"):
+            module(wrong)
+    exported = torch.export.export(module, (x,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert torch.ops.fffcompile.leaf_mlp_tree.default in targets
+    torch.testing.assert_close(exported.module()(x), expected)
+
+
+def test_fused_module_under_torch_compile_keeps_the_op(ext):
+    spec = make_spec(form="neuron_tree", depth=3, d_in=12, d_out=6, trees=2, seed=22)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 12), FusedFFF(spec)).eval()
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True)     # fullgraph: the fast call must not break the graph
+        torch.testing.assert_close(compiled(x), model(x))
