@@ -10,7 +10,8 @@ The cut-out holds the nodes y needs, back to x (not past it), in topological ord
 
 ``run(x, overrides=..., harden=...)`` evaluates it with chosen node values replaced
 (``overrides``: node -> tensor) and chosen sigmoid-like decisions hardened (s(z) -> [z >= 0]
-or [z > 0], log s(z) -> log of that, per the tie rule), in float64 on request (constants cast,
+or [z > 0], log s(z) -> 0 or -1e4 (finite: a path sum written as a matmul with a 0/1 matrix
+must not meet 0 * -inf), per the tie rule), in float64 on request (constants cast,
 float32 factory defaults switched) so that extracted weights are exact to float32 rounding.
 No module is copied and no graph is built: a cut-out costs its node count per call.
 """
@@ -78,6 +79,14 @@ def hard_step(z: torch.Tensor, tie: str) -> torch.Tensor:
     return ((z >= 0) if tie == "ge" else (z > 0)).to(z.dtype)
 
 
+LOG_ZERO = -1.0e4   # a hardened log-sigmoid: log s(z) for |z| -> inf is 0 or -|z|; exp(-1e4) = 0 and 0 * -1e4 = 0
+
+
+def hard_log(step: torch.Tensor) -> torch.Tensor:
+    """log of a 0/1 step, with log 0 taken as -1e4 (finite, so that path sums through 0/1 matrices stay exact)."""
+    return (1 - step) * LOG_ZERO
+
+
 class Cutout:
     def __init__(self, facts: GraphFacts, constants: ConstantCache, x: fx.Node, y: fx.Node):
         self.facts, self.constants, self.x, self.y = facts, constants, x, y
@@ -139,8 +148,9 @@ class Cutout:
             if isinstance(val, int):
                 out[n] = val
                 continue
-            expr = val.node.expr.xreplace(bindings)
-            if expr.free_symbols:
+            expr = val.node.expr
+            expr = expr.xreplace(bindings) if isinstance(expr, sympy.Basic) else expr
+            if isinstance(expr, sympy.Basic) and expr.free_symbols:
                 raise NotAFunctionOfX(f"the subgraph reads the size {n.name} that x's shape does not determine")
             out[n] = int(expr)
         return out
@@ -176,7 +186,7 @@ class Cutout:
                     elif n in harden:
                         z = lookup(n.args[0])
                         step = hard_step(z, harden[n])
-                        env[n] = step.log() if self.facts.name[n] in ("log_sigmoid", "logsigmoid") else step
+                        env[n] = hard_log(step) if self.facts.name[n] in ("log_sigmoid", "logsigmoid") else step
                     else:
                         env[n] = _execute(self.facts.gm, n, lookup, double)
                     pending.discard(n)
@@ -188,27 +198,38 @@ class Cutout:
         finally:
             torch.set_default_dtype(saved)
 
-    def features(self, node: fx.Node) -> Optional[tuple[int, ...]]:
-        """The per-row feature shape of a node whose leading dims are x's rows (as x's leading dims, or
-        flattened into one); None when the node is not laid out by rows."""
+    def layout(self, node: fx.Node):
+        """How a node holds x's rows: ("lead", k) (x's k leading dims first), ("axis", a) (the rows
+        flattened into dim a), with the per-row feature shape; None when it does not hold them."""
         from .graph_canonical import hint_shape
         shape, x_shape = hint_shape(node), hint_shape(self.x)
         if shape is None or x_shape is None:
             return None
         lead = x_shape[:-1]
         if len(shape) >= len(lead) and shape[:len(lead)] == lead:
-            return shape[len(lead):]
-        if len(lead) > 1 and shape and shape[0] == math.prod(lead):
-            return shape[1:]
+            return ("lead", len(lead)), shape[len(lead):]
+        rows = math.prod(lead)
+        axes = [a for a, d in enumerate(shape) if d == rows]
+        if len(axes) == 1:
+            a = axes[0]
+            return ("axis", a), shape[:a] + shape[a + 1:]
         return None
 
+    def features(self, node: fx.Node) -> Optional[tuple[int, ...]]:
+        found = self.layout(node)
+        return None if found is None else found[1]
+
     def _laid_out(self, node, values: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
-        feats = self.features(node)
-        x_lead = len(self.x_shape) - 1
-        from .graph_canonical import hint_shape
-        if hint_shape(node)[:x_lead] == hint_shape(self.x)[:-1]:
+        (mode, k), feats = self.layout(node)
+        if mode == "lead" and k == len(lead):
             return values.reshape(*lead, *feats)
-        return values.reshape(math.prod(lead), *feats)
+        return values.reshape(math.prod(lead), *feats).movedim(0, k if mode == "axis" else 0)
+
+    def _read(self, node, value: torch.Tensor, total: int) -> torch.Tensor:
+        found = self.layout(node)
+        if found is not None and found[0][0] == "axis":
+            value = value.movedim(found[0][1], 0)
+        return value.reshape(total, -1)
 
     def run_rows(self, X: torch.Tensor, overrides: Optional[dict] = None, chunk: int = 1024,
                  want: Optional[list] = None, **kwargs):
@@ -231,6 +252,6 @@ class Cutout:
             x = pad(rows).reshape(shape)
             local = {n: self._laid_out(n, pad(v[start:start + chunk]), shape[:-1]) for n, v in overrides.items()}
             values = self.run(x, overrides=local, want=nodes, **kwargs)
-            outs.append([v.reshape(total, -1)[:R] for v in values])
+            outs.append([self._read(n, v, total)[:R] for n, v in zip(nodes, values)])
         result = [torch.cat([o[i] for o in outs]) for i in range(len(nodes))]
         return result[0] if want is None else result

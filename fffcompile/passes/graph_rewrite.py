@@ -17,6 +17,7 @@ from torch import fx
 from ..runtime.fused_module import FusedFFF
 from ..spec import FFFSpec
 from .graph_canonical import hint_shape
+from .graph_cutout import hard_log
 
 
 def hardened_sigmoid(z: torch.Tensor, tie: str = "ge") -> torch.Tensor:
@@ -24,7 +25,7 @@ def hardened_sigmoid(z: torch.Tensor, tie: str = "ge") -> torch.Tensor:
 
 
 def hardened_log_sigmoid(z: torch.Tensor, tie: str = "ge") -> torch.Tensor:
-    return hardened_sigmoid(z, tie).log()
+    return hard_log(hardened_sigmoid(z, tie))
 
 
 def _copy(gm: fx.GraphModule):
