@@ -210,6 +210,8 @@ class Cutout:
             return ("lead", len(lead)), shape[len(lead):]
         rows = math.prod(lead)
         axes = [a for a, d in enumerate(shape) if d == rows]
+        if axes and axes[0] == 0:
+            axes = [0]                 # rows first when a feature dim happens to equal the row count
         if len(axes) == 1:
             a = axes[0]
             return ("axis", a), shape[:a] + shape[a + 1:]

@@ -56,7 +56,11 @@ def rewrite(gm: fx.GraphModule, confirmed: list) -> fx.GraphModule:
                     result = graph.call_function(torch.ops.aten.flatten.using_ints, (call, 0, -2))
         new_y.replace_all_uses_with(result)
         # erase the candidate's nodes that nothing reads any more (inner first)
-        order = cut.nodes + sorted(cut.constant_nodes, key=cut.facts.index.__getitem__)
+        inside = set(cut.nodes)
+        # metadata assertions about the candidate's own values go with it
+        checks = [u for n in cut.nodes for u in n.users if u.op == "call_function" and not u.users
+                  and cut.facts.name.get(u, "").startswith("_assert") and u not in inside]
+        order = cut.nodes + checks + sorted(cut.constant_nodes, key=cut.facts.index.__getitem__)
         for old in sorted(order, key=cut.facts.index.__getitem__, reverse=True):
             node = mapping.get(old)
             if node is not None and not node.users and node.op != "placeholder":
