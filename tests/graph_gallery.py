@@ -258,6 +258,44 @@ class NotATree(Swapped):
         return torch.einsum("bl,blo->bo", weights, self.leaves_einsum(x)).reshape(*shape[:-1], -1)
 
 
+class Packed(nn.Module):
+    """Every weight packed in one flat Parameter, sliced and viewed in forward (no parameter
+    signature for the module frontend to see); per-level decisions, leaves by einsum."""
+
+    def __init__(self, spec: FFFSpec):
+        super().__init__()
+        self.depth, self.act, self.linear = spec.depth, spec.activation, spec.leaf_w2 is None
+        parts = [spec.node_weight, spec.node_bias, spec.leaf_w1, spec.leaf_b1]
+        if not self.linear:
+            parts += [spec.leaf_w2, spec.leaf_b2]
+        self.shapes = [tuple(t.shape) for t in parts]
+        self.theta = P(torch.cat([t.reshape(-1) for t in parts]))
+
+    def _unpack(self):
+        out, start = [], 0
+        for shape in self.shapes:
+            size = 1
+            for d in shape:
+                size *= d
+            out.append(self.theta[start:start + size].view(shape))
+            start += size
+        return out
+
+    def forward(self, x):
+        W, b, W1, b1, *rest = self._unpack()
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights = torch.ones_like(x[:, :1])
+        for level in range(self.depth):
+            lo, hi = 2 ** level - 1, 2 ** (level + 1) - 1
+            pl = torch.sigmoid(x @ W[lo:hi].T + b[lo:hi])
+            weights = (weights.unsqueeze(-1) * torch.stack((1 - pl, pl), -1)).reshape(x.shape[0], -1)
+        h = torch.einsum("bd,ldh->blh", x, W1) + b1
+        if not self.linear:
+            h = torch.einsum("blh,lho->blo", _act(self.act)(h), rest[0]) + rest[1]
+        return torch.einsum("bl,blo->bo", weights, h).reshape(*shape[:-1], -1)
+
+
 # ----------------------------------------------------------------------------- form B
 
 class _NeuronParams(nn.Module):
@@ -311,6 +349,6 @@ class OneHot(_NeuronParams):
         return self.linear_out((_act(self.act)(a3) * mask).reshape(*lead, -1))
 
 
-STYLES_A = {"unrolled": Unrolled, "table": Table, "logsigmoid": LogSigmoid, "path_matrix": PathMatrix,
+STYLES_A = {"packed": Packed, "unrolled": Unrolled, "table": Table, "logsigmoid": LogSigmoid, "path_matrix": PathMatrix,
             "threshold": Threshold}
 STYLES_B = {"ultrafast": UltraFast, "one_hot": OneHot}
