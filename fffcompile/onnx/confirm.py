@@ -19,7 +19,7 @@ from .. import reference
 from ..compare import Comparison
 from ..spec import FFFSpec
 from ..verify import exactness
-from .graph_index import GraphIndex, evaluate
+from .graph_index import GraphIndex, evaluate, make_session
 from .harden import harden_sigmoids
 from .probes import probe_shapes, x_layout
 from .region import Region
@@ -32,6 +32,10 @@ def confirm(index: GraphIndex, region: Region, spec: FFFSpec, sigmoids: list[str
     model = index.submodel(region.nodes, [region.x], [region.y])
     if sigmoids:
         model = harden_sigmoids(model, sigmoids, tie=spec.tie)
+    try:
+        model = make_session(model)
+    except Exception as error:
+        return None, f"the cut-out subgraph does not load in ONNX Runtime: {str(error).splitlines()[0]}"
     rng = np.random.default_rng(seed)
     np_dtype = np.float64 if spec.dtype == torch.float64 else np.float32
     worst = None

@@ -31,7 +31,7 @@ from ..errors import InvalidModelError
 from ..spec import FFFSpec
 from .activation_match import elementwise_closure, match_activation
 from .contract import torch_dtype
-from .graph_index import GraphIndex, evaluate
+from .graph_index import GraphIndex, evaluate, make_session
 from .linear_chains import chain_ends, projected_tensors, static_tensors
 from .probes import columns, feed_shape, shaped, x_layout
 from .region import Region
@@ -82,7 +82,7 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
     taps = list(dict.fromkeys(z_names + ends + [v for vs in closures.values() for v in vs]))
     probes = affine_probes(d_in)
     rows = probes.shape[0]
-    model = index.submodel(region.nodes, [region.x], taps)
+    model = index.submodel(index.backward_slice(taps, stop={region.x}) & region.nodes, [region.x], taps)
     values = evaluate(model, {region.x: shaped(probes.astype(np_dtype), rank)}, taps)
     z_cols = [columns(values[z], rows) for z in z_names]
     widths = [c.shape[1] for c in z_cols]
@@ -122,7 +122,7 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
     y_width, W2, b2 = None, np.zeros((leaves, width, 0)), np.zeros((leaves, 0))
     cut = set(p_names) | set(h_names) | {region.x}
     nodes = index.backward_slice([region.y], stop=cut) & region.nodes
-    second = index.submodel(nodes, [region.x, *p_names, *h_names], [region.y])
+    second = make_session(index.submodel(nodes, [region.x, *p_names, *h_names], [region.y]))
     per_leaf = width + 1
     d_out_guess = max(1, index.shape(region.y)[-1] if index.shape(region.y) and isinstance(index.shape(region.y)[-1], int) else d_in)
     chunk_leaves = max(1, PROBE_BUDGET // max(1, per_leaf * leaves * (width + d_out_guess) * 2))

@@ -24,7 +24,7 @@ from ..spec import FFFSpec
 from .activation_match import elementwise_closure, match_activation
 from .contract import torch_dtype
 from .extract_leaf_tree import NotExtracted, affine_probes, read_affine
-from .graph_index import GraphIndex, evaluate
+from .graph_index import GraphIndex, evaluate, make_session
 from .probes import columns, feed_shape, shaped, x_layout
 from .region import Region
 
@@ -53,7 +53,8 @@ def extract_neuron_tree(index: GraphIndex, region: Region, comparison: int, tie:
     closure = elementwise_closure(index, a, region.nodes)
     probes = affine_probes(d_in)
     rows = probes.shape[0]
-    model = index.submodel(region.nodes, [region.x], [a, decisions, *closure])
+    taps = [a, decisions, *closure]
+    model = index.submodel(index.backward_slice(taps, stop={region.x}) & region.nodes, [region.x], taps)
     values = evaluate(model, {region.x: shaped(probes.astype(np_dtype), rank)}, [a, decisions, *closure])
     W, b = read_affine(columns(values[a], rows), probes, "the neuron pre-activation")
     act, h = match_activation(values[a], {v: values[v] for v in closure})
@@ -63,7 +64,7 @@ def extract_neuron_tree(index: GraphIndex, region: Region, comparison: int, tie:
         raise NotExtracted("the neurons' activation is not one fffcompile knows (relu, gelu, silu, tanh, ...)")
     cut = {region.x, decisions, h}
     nodes = index.backward_slice([region.y], stop=cut) & region.nodes
-    second = index.submodel(nodes, [region.x, decisions, h], [region.y])
+    second = make_session(index.submodel(nodes, [region.x, decisions, h], [region.y]))
     to = lambda t: torch.from_numpy(np.ascontiguousarray(t)).to(dtype)
     hypotheses = layouts(neurons)
     if not hypotheses:

@@ -35,11 +35,15 @@ CHAIN_OPS = PROJECTIONS + BIAS_OPS + LAYOUT_OPS
 
 def static_tensors(index: GraphIndex) -> set[str]:
     """Constants and shape arithmetic: tensors whose values do not depend on any input's values."""
+    cached = getattr(index, "_static", None)
+    if cached is not None:
+        return cached
     static = set(index.constant)
     for node in index.nodes:
         ins = [i for i in node_inputs(node) if i]
         if node.op_type in SHAPE_OPS or all(i in static for i in ins):
             static.update(o for o in node.output if o)
+    index._static = static
     return static
 
 

@@ -19,6 +19,8 @@ Every candidate not rewritten is reported with its reason (``Report.left``).
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Union
@@ -36,6 +38,7 @@ from .detect import Candidate, find_candidates
 from .extract_leaf_tree import NotExtracted, extract_leaf_tree
 from .extract_neuron_tree import extract_neuron_tree
 from .graph_index import GraphIndex
+from .linear_chains import chain_ends, projected_tensors, static_tensors
 from .node import fff_node
 from .region import Region, candidate_regions
 
@@ -66,10 +69,18 @@ def _name_anchors(model: onnx.ModelProto) -> None:
             names.add(node.name)
 
 
-def _try_region(index: GraphIndex, candidate: Candidate, region: Region) -> tuple[Optional[Found], list[str]]:
+def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
+                previous: Optional[Found] = None) -> tuple[Optional[Found], list[str]]:
+    """Extract and confirm; with ``previous`` (a confirmed region that ``region`` extends by layout ops
+    only) its spec is confirmed on the larger region without extracting again."""
     reasons = []
+    x_shape, y_shape = index.shape(region.x), index.shape(region.y)
+    if x_shape is not None and y_shape is not None and len(x_shape) != len(y_shape):
+        return None, [f"{region.y!r} has rank {len(y_shape)}, the input {region.x!r} rank {len(x_shape)}"]
     try:
-        if candidate.form == "A":
+        if previous is not None:
+            specs, sigmoids = [previous.spec], previous.sigmoids
+        elif candidate.form == "A":
             specs = [extract_leaf_tree(index, region, candidate.anchors)]
             sigmoids = [index.nodes[i].name for i in candidate.anchors]
         else:
@@ -102,6 +113,25 @@ def _extends(index: GraphIndex, smaller: Region, larger: Region, form: str) -> b
     return all(index.nodes[i].op_type in allowed for i in larger.x_nodes - smaller.x_nodes)
 
 
+def other_uses(index: GraphIndex, candidate: Candidate) -> set[str]:
+    """Values computed from the candidate's input by something other than its decisions: outputs of the
+    non-chain readers of X's projections that are not anchors (leaf activations; a neuron tree's activation)."""
+    static = static_tensors(index)
+    forward = index.forward_from(candidate.x)
+    projected = projected_tensors(index, candidate.x, forward, static)
+    anchors = set(candidate.anchors)
+    uses = set()
+    for t in chain_ends(index, projected, forward):
+        for i in index.consumers.get(t, ()):
+            node = index.nodes[i]
+            if i in anchors or node.op_type in ("Shape", "Size") or i not in forward:
+                continue
+            if all(o in projected for o in node.output if o):
+                continue
+            uses.update(o for o in node.output if o)
+    return uses
+
+
 def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]:
     """Confirmed FFFs (disjoint regions) and the candidates left, with reasons."""
     found, left, taken = [], [], set()
@@ -112,7 +142,7 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
         reasons = []
         result = None
         outputs = [index.nodes[i].output[0] for i in candidate.anchors]
-        for region, why in candidate_regions(index, candidate.x, outputs):
+        for region, why in candidate_regions(index, candidate.x, outputs, other_uses(index, candidate)):
             if region is None:
                 if result is None:
                     reasons.append(why)
@@ -122,7 +152,10 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
                 continue
             if result is not None and not _extends(index, result.region, region, candidate.form):
                 break
-            attempt, why = _try_region(index, candidate, region)
+            layout_only = result is not None and _extends(index, result.region, region, "A")
+            attempt, why = _try_region(index, candidate, region, result if layout_only else None)
+            if os.environ.get("FFFCOMPILE_DEBUG"):
+                print(f"fffcompile onnx: {where} at {region.y!r}: {'confirmed' if attempt else why}", file=sys.stderr)
             if attempt is not None:
                 result = attempt        # a larger confirmed region (an output projection, a reshape) wins
             elif result is not None:

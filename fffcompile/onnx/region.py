@@ -56,13 +56,20 @@ def closed_region(index: GraphIndex, x: str, y: str, forward: set[int]) -> tuple
     return Region(x, y, nodes, x_nodes), ""
 
 
-def candidate_regions(index: GraphIndex, x: str, anchor_outputs: list[str]) -> Iterator[tuple[Region | None, str]]:
-    """Closed regions whose output depends on every anchor, smallest first (and the reasons others were not)."""
+def candidate_regions(index: GraphIndex, x: str, anchor_outputs: list[str],
+                      other_uses: set[str] = frozenset()) -> Iterator[tuple[Region | None, str]]:
+    """Closed regions whose output depends on every anchor (and, when given, on one of ``other_uses``: the leaves
+    or the activation, so that a mixture of router outputs alone is no candidate), smallest first; a candidate
+    whose rank differs from x's is passed over."""
     forward = index.forward_from(x)
     entries = [(x, forward)] + [(a, None) for a in layout_ancestors(index, x)]
     bits = {name: 1 << k for k, name in enumerate(anchor_outputs)}
-    full = (1 << len(anchor_outputs)) - 1
+    other = 1 << len(anchor_outputs)
+    full = (1 << len(anchor_outputs)) - 1 | (other if other_uses else 0)
     masks: dict[str, int] = dict(bits)
+    for name in other_uses:
+        masks[name] = masks.get(name, 0) | other
+    ranks = {len(s) for s in (index.shape(e) for e, _ in entries) if s is not None}
     tried = 0
     for i in sorted(forward):
         node = index.nodes[i]
@@ -74,6 +81,9 @@ def candidate_regions(index: GraphIndex, x: str, anchor_outputs: list[str]) -> I
                 continue
             masks[out] = masks.get(out, 0) | mask
             if masks[out] == full and out not in bits:
+                shape = index.shape(out)
+                if shape is not None and ranks and len(shape) not in ranks:
+                    continue
                 tried += 1
                 if tried > MAX_CANDIDATE_OUTPUTS:
                     return
