@@ -29,7 +29,7 @@ def confirm(index: GraphIndex, region: Region, spec: FFFSpec, sigmoids: list[str
             scale: float = 1.0) -> tuple[Optional[Comparison], str]:
     """(the worst comparison, "") when the numbers hold, else (comparison or None, the reason)."""
     rank, d_in = x_layout(index.shape(region.x))
-    model = index.submodel(region.nodes, [region.x], [region.y])
+    model = index.submodel(region.nodes, region.inputs, [region.y])
     if sigmoids:
         model = harden_sigmoids(model, sigmoids, tie=spec.tie)
     try:
@@ -42,7 +42,7 @@ def confirm(index: GraphIndex, region: Region, spec: FFFSpec, sigmoids: list[str
     for shape in probe_shapes(rank, d_in):
         x = (rng.standard_normal(shape) * scale).astype(np_dtype)
         try:
-            got = evaluate(model, {region.x: x}, [region.y])[region.y]
+            got = evaluate(model, region.feed(index, x), [region.y])[region.y]
         except Exception as error:
             return None, f"the cut-out subgraph does not run at input shape {shape}: {str(error).splitlines()[0]}"
         xt = torch.from_numpy(x)

@@ -82,8 +82,8 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
     taps = list(dict.fromkeys(z_names + ends + [v for vs in closures.values() for v in vs]))
     probes = affine_probes(d_in)
     rows = probes.shape[0]
-    model = index.submodel(index.backward_slice(taps, stop={region.x}) & region.nodes, [region.x], taps)
-    values = evaluate(model, {region.x: shaped(probes.astype(np_dtype), rank)}, taps)
+    model = index.submodel(index.backward_slice(taps, stop={region.x}) & region.nodes, region.inputs, taps)
+    values = evaluate(model, region.feed(index, shaped(probes.astype(np_dtype), rank)), taps)
     z_cols = [columns(values[z], rows) for z in z_names]
     widths = [c.shape[1] for c in z_cols]
     order = sorted(range(len(z_names)), key=lambda k: (widths[k], sigmoids[k]))
@@ -121,8 +121,8 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
     p_shapes = [values[z].shape for z in z_names]
     y_width, W2, b2 = None, np.zeros((leaves, width, 0)), np.zeros((leaves, 0))
     cut = set(p_names) | set(h_names) | {region.x}
-    nodes = index.backward_slice([region.y], stop=cut) & region.nodes
-    second = make_session(index.submodel(nodes, [region.x, *p_names, *h_names], [region.y]))
+    nodes = index.backward_slice([region.y], stop=cut | set(region.shape_sources)) & region.nodes
+    second = make_session(index.submodel(nodes, [*region.inputs, *p_names, *h_names], [region.y]))
     per_leaf = width + 1
     d_out_guess = max(1, index.shape(region.y)[-1] if index.shape(region.y) and isinstance(index.shape(region.y)[-1], int) else d_in)
     chunk_leaves = max(1, PROBE_BUDGET // max(1, per_leaf * leaves * (width + d_out_guess) * 2))
@@ -137,7 +137,7 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
             p_rows[b * per_leaf:(b + 1) * per_leaf] = path
             for k in range(width):
                 h_rows[b * per_leaf + 1 + k, j * width + k] = 1.0
-        feeds = {region.x: shaped(np.zeros((R, d_in), np_dtype), rank)}
+        feeds = region.feed(index, shaped(np.zeros((R, d_in), np_dtype), rank))
         offset = 0
         for k in order:      # heap-ordered columns back to each sigmoid's own tensor
             w = widths[k]

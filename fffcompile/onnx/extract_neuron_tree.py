@@ -54,8 +54,8 @@ def extract_neuron_tree(index: GraphIndex, region: Region, comparison: int, tie:
     probes = affine_probes(d_in)
     rows = probes.shape[0]
     taps = [a, decisions, *closure]
-    model = index.submodel(index.backward_slice(taps, stop={region.x}) & region.nodes, [region.x], taps)
-    values = evaluate(model, {region.x: shaped(probes.astype(np_dtype), rank)}, [a, decisions, *closure])
+    model = index.submodel(index.backward_slice(taps, stop={region.x}) & region.nodes, region.inputs, taps)
+    values = evaluate(model, region.feed(index, shaped(probes.astype(np_dtype), rank)), [a, decisions, *closure])
     W, b = read_affine(columns(values[a], rows), probes, "the neuron pre-activation")
     act, h = match_activation(values[a], {v: values[v] for v in closure})
     h = h or a
@@ -63,8 +63,8 @@ def extract_neuron_tree(index: GraphIndex, region: Region, comparison: int, tie:
     if h == a:
         raise NotExtracted("the neurons' activation is not one fffcompile knows (relu, gelu, silu, tanh, ...)")
     cut = {region.x, decisions, h}
-    nodes = index.backward_slice([region.y], stop=cut) & region.nodes
-    second = make_session(index.submodel(nodes, [region.x, decisions, h], [region.y]))
+    nodes = index.backward_slice([region.y], stop=cut | set(region.shape_sources)) & region.nodes
+    second = make_session(index.submodel(nodes, [*region.inputs, decisions, h], [region.y]))
     to = lambda t: torch.from_numpy(np.ascontiguousarray(t)).to(dtype)
     hypotheses = layouts(neurons)
     if not hypotheses:
@@ -81,7 +81,7 @@ def extract_neuron_tree(index: GraphIndex, region: Region, comparison: int, tie:
                 for t in range(trees):           # every tree passes through node k
                     for ancestor, right in _ancestors(k):
                         dec[row, t * n + ancestor] = right
-        feeds = {region.x: shaped(np.zeros((R, d_in), np_dtype), rank),
+        feeds = {**region.feed(index, shaped(np.zeros((R, d_in), np_dtype), rank)),
                  decisions: dec.reshape(feed_shape(values[decisions].shape, rows, R)),
                  h: hs.astype(np_dtype).reshape(feed_shape(values[h].shape, rows, R))}
         y = columns(evaluate(second, feeds, [region.y])[region.y], R).astype(np.float64)

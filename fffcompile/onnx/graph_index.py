@@ -102,8 +102,9 @@ class GraphIndex:
                     frontier.extend(o for o in self.nodes[i].output if o)
         return seen
 
-    def backward_slice(self, outputs: Iterable[str], stop: set[str]) -> set[int]:
-        """Indices of the nodes ``outputs`` depend on, not crossing the tensors in ``stop``."""
+    def backward_slice(self, outputs: Iterable[str], stop: set[str], shape_barrier: Optional[set[int]] = None) -> set[int]:
+        """Indices of the nodes ``outputs`` depend on, not crossing the tensors in ``stop``; with ``shape_barrier``
+        (a set of node indices) the input of a Shape/Size node is not followed unless its producer is in it."""
         seen: set[int] = set()
         frontier = [o for o in outputs]
         visited: set[str] = set()
@@ -116,7 +117,10 @@ class GraphIndex:
             if i is None or i in seen:
                 continue
             seen.add(i)
-            frontier.extend(n for n in node_inputs(self.nodes[i]) if n)
+            node = self.nodes[i]
+            if shape_barrier is not None and node.op_type in SHAPE_OPS and self.producer.get(node.input[0]) not in shape_barrier:
+                continue
+            frontier.extend(n for n in node_inputs(node) if n)
         return seen
 
     # ------------------------------------------------------------------ submodels

@@ -19,7 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from .graph_index import GraphIndex, node_inputs
+import numpy as np
+import onnx
+
+from .graph_index import SHAPE_OPS, GraphIndex, node_inputs
 
 MAX_CANDIDATE_OUTPUTS = 48
 LAYOUT_VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
@@ -29,22 +32,52 @@ LAYOUT_VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 class Region:
     x: str
     y: str
-    nodes: set[int]           # every node of the slice (constant nodes included)
+    nodes: set[int]           # every node of the slice (constant and shape-arithmetic nodes included)
     x_nodes: set[int]         # of which those that depend on X (removed by a rewrite)
+    shape_sources: tuple[str, ...] = ()   # values outside whose shapes (only) the slice reads
+
+    @property
+    def inputs(self) -> list[str]:
+        """The inputs of the cut-out region: X, then the shape sources."""
+        return [self.x, *self.shape_sources]
+
+    def feed(self, index: GraphIndex, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Feeds for probe input ``x``: the shape sources get zeros whose leading dims agree with x's rows
+        (same leading dims when the ranks agree; otherwise all rows on the last symbolic dim)."""
+        feeds = {self.x: x}
+        lead = x.shape[:-1]
+        for name in self.shape_sources:
+            dims = index.shape(name) or []
+            symbolic = [k for k, d in enumerate(dims) if not isinstance(d, int)]
+            shape = [d if isinstance(d, int) else 1 for d in dims]
+            if len(dims) == len(x.shape) and all(isinstance(d, int) and d == x.shape[-1] for d in dims[-1:]):
+                shape[:-1] = lead
+            elif symbolic:
+                shape[symbolic[-1]] = int(np.prod(lead))
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(index.elem_type(name) or onnx.TensorProto.FLOAT)
+            feeds[name] = np.zeros(shape, dtype)
+        return feeds
 
 
 def closed_region(index: GraphIndex, x: str, y: str, forward: set[int]) -> tuple[Region | None, str]:
     """The closed region X -> Y, or None with the reason it is not closed."""
-    nodes = index.backward_slice([y], stop={x})
+    nodes = index.backward_slice([y], stop={x}, shape_barrier=forward)
     x_nodes = nodes & forward
+    static = _static(index)
     for i in nodes - forward:
         node = index.nodes[i]
-        if not all(o in index.constant for o in node.output if o):
+        if not all(o in static for o in node.output if o):
             return None, f"the subgraph producing {y!r} reads values other than {x!r} and constants"
+    sources = []
     for i in nodes:
         for name in node_inputs(index.nodes[i]):
-            if name and name != x and name not in index.initializers and index.producer.get(name) not in nodes:
-                return None, f"the subgraph producing {y!r} reads {name!r} from outside"
+            if not name or name == x or name in index.initializers or index.producer.get(name) in nodes:
+                continue
+            if all(index.nodes[c].op_type in SHAPE_OPS for c in index.consumers.get(name, ()) if c in nodes):
+                if name not in sources:
+                    sources.append(name)
+                continue
+            return None, f"the subgraph producing {y!r} reads {name!r} from outside"
     for i in x_nodes:
         for out in index.nodes[i].output:
             if not out or out == y:
@@ -53,7 +86,12 @@ def closed_region(index: GraphIndex, x: str, y: str, forward: set[int]) -> tuple
                 return None, f"{out!r} inside the FFF is also a graph output"
             if any(c not in nodes for c in index.consumers.get(out, ())):
                 return None, f"{out!r} inside the FFF is also read elsewhere"
-    return Region(x, y, nodes, x_nodes), ""
+    return Region(x, y, nodes, x_nodes, tuple(sources)), ""
+
+
+def _static(index: GraphIndex) -> set[str]:
+    from .linear_chains import static_tensors
+    return static_tensors(index)
 
 
 def candidate_regions(index: GraphIndex, x: str, anchor_outputs: list[str],
@@ -62,7 +100,8 @@ def candidate_regions(index: GraphIndex, x: str, anchor_outputs: list[str],
     or the activation, so that a mixture of router outputs alone is no candidate), smallest first; a candidate
     whose rank differs from x's is passed over."""
     forward = index.forward_from(x)
-    entries = [(x, forward)] + [(a, None) for a in layout_ancestors(index, x)]
+    # the unflattened input first: a rewrite from it also takes the flattening and restoring reshapes
+    entries = [(a, None) for a in layout_ancestors(index, x)][::-1] + [(x, forward)]
     bits = {name: 1 << k for k, name in enumerate(anchor_outputs)}
     other = 1 << len(anchor_outputs)
     full = (1 << len(anchor_outputs)) - 1 | (other if other_uses else 0)
