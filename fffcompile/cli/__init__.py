@@ -13,7 +13,7 @@ import sys
 import traceback
 
 # Subcommand modules, in the order --help lists them.
-SUBCOMMANDS: tuple[str, ...] = ()
+SUBCOMMANDS: tuple[str, ...] = ("export", "inspect", "verify")
 
 
 class _Parser(argparse.ArgumentParser):

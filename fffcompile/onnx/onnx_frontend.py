@@ -220,6 +220,18 @@ def _inputs(node: onnx.NodeProto):
     return node_inputs(node)
 
 
+def hardening_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str], list]:
+    """For verifying a rewrite of ``model``: (a copy of model with its anchors named, {router sigmoid: tie},
+    [(spec, input value)] for the near-tie checks) of every FFF the frontend confirms in it."""
+    working = onnx.ModelProto()
+    working.CopyFrom(model)
+    _name_anchors(working)
+    index = GraphIndex(working)
+    found, _ = find_ffs(index)
+    return (working, {name: f.spec.tie for f in found for name in f.sigmoids},
+            [(f.spec, f.region.x) for f in found])
+
+
 def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool = True,
                   inputs: Union[None, str, Mapping[str, np.ndarray]] = None, atol: Optional[float] = None,
                   rtol: Optional[float] = None, progress: Optional[Callable[[str], None]] = None
@@ -268,7 +280,8 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
         report.model_check = {f"exactness {k}": c for k, c in result.exactness.items()}
         report.model_check.update({f"fidelity {k}": c for k, c in (result.fidelity or {}).items()})
         if not result.passed:
-            raise VerificationError("the rewritten model differs from the original with hardened decisions:\n"
-                                    + result.summary(), next(iter(result.exactness.values()), None))
+            failed = "; ".join(f"output {k}: {c.summary()}" for k, c in result.exactness.items() if not c.passed)
+            raise VerificationError(f"the rewritten model differs from the original with hardened decisions ({failed})",
+                                    next(iter(result.exactness.values()), None))
     report.notes.append(f"ONNX frontend: {time.perf_counter() - start:.2f} s")
     return optimized, report
