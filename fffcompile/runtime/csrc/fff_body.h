@@ -21,11 +21,6 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
 }
 
-// Prefetch into L2 only (for rows needed two or more levels later).
-inline void prefetch_bytes_l2(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
-}
 
 // z[r] = x[r] . w[r] (length n) for NR rows at once: independent streams keep several loads in flight.
 template <class V, int NR>
@@ -248,6 +243,7 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
   const S* OW = static_cast<const S*>(p.out_weight);
   const S* OB = static_cast<const S*>(p.out_bias);
   const int64_t d = p.d_in, m = p.d_out, n = p.nodes;
+  const int64_t sw = p.w_stride, sv = p.v_stride;   // row strides: d and m, or d + m for the packed [W | V] layout
   constexpr bool same = std::is_same<S, A>::value;
   std::vector<A> xbuf(same ? 0 : 4 * d), ybuf(same ? 0 : 4 * m);
   for (int64_t r0 = begin; r0 < end; r0 += 4) {
@@ -262,25 +258,18 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
     }
     for (int r = nr; r < 4; ++r) xr[r] = xr[0];
     for (int64_t t = 0; t < p.trees; ++t) {
-      const S* TW = NW + t * n * d;
+      const S* TW = NW + t * n * sw;
       const S* TB = NB + t * n;
-      const S* TV = OW + t * n * m;
+      const S* TV = OW + t * n * sv;
       int64_t node[4] = {0, 0, 0, 0};
       const S* wr[4];
       A z[4];
       for (int level = 0; level <= p.depth; ++level) {
-        for (int r = 0; r < 4; ++r) wr[r] = TW + node[r < nr ? r : 0] * d;
-        if (p.child_mode == 3)
-          for (int r = 0; r < nr; ++r) prefetch_bytes(TV + node[r] * m, m * int64_t(sizeof(S)));
-        if (level < p.depth && p.child_mode == 2)  // both children (adjacent rows) of W and V, a level ahead of their use
+        for (int r = 0; r < 4; ++r) wr[r] = TW + node[r < nr ? r : 0] * sw;
+        if (level < p.depth && p.child_mode == 2)  // both children of W and V, a level ahead of their use
           for (int r = 0; r < nr; ++r) {
-            prefetch_bytes(TW + (2 * node[r] + 1) * d, 2 * d * int64_t(sizeof(S)));
-            prefetch_bytes(TV + (2 * node[r] + 1) * m, 2 * m * int64_t(sizeof(S)));
-          }
-        if (nr <= p.deep_rows && level + 1 < p.depth)  // and the four grandchildren, into L2
-          for (int r = 0; r < nr; ++r) {
-            prefetch_bytes_l2(TW + (4 * node[r] + 3) * d, 4 * d * int64_t(sizeof(S)));
-            prefetch_bytes_l2(TV + (4 * node[r] + 3) * m, 4 * m * int64_t(sizeof(S)));
+            prefetch_bytes(TW + (2 * node[r] + 1) * sw, (sw + d) * int64_t(sizeof(S)));
+            prefetch_bytes(TV + (2 * node[r] + 1) * sv, (sv + m) * int64_t(sizeof(S)));
           }
         switch (nr) {
           case 4: dots<V, 4>(xr, wr, d, z); break;
@@ -291,13 +280,8 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
         for (int r = 0; r < nr; ++r) {
           const A a = z[r] + static_cast<A>(TB[node[r]]);
           const bool right = p.tie_ge ? (a >= A(0)) : (a > A(0));
-          const int64_t child = 2 * node[r] + 1 + (right ? 1 : 0);
-          if (level < p.depth && p.child_mode >= 1 && p.child_mode != 2) {
-            prefetch_bytes(TW + child * d, d * int64_t(sizeof(S)));
-            if (p.child_mode == 1) prefetch_bytes(TV + child * m, m * int64_t(sizeof(S)));
-          }
-          axpy<V>(yr[r], activation<A>(p.act, a), TV + node[r] * m, m);
-          node[r] = child;
+          axpy<V>(yr[r], activation<A>(p.act, a), TV + node[r] * sv, m);
+          node[r] = 2 * node[r] + 1 + (right ? 1 : 0);
         }
       }
     }

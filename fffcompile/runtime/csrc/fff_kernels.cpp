@@ -61,11 +61,11 @@ struct NeuronArgs {
   const void* x; void* out;
   const void *node_weight, *node_bias, *out_weight, *out_bias;
   int64_t rows, d_in, d_out, trees, nodes; int depth; int act; bool tie_ge;
-  int deep_rows, child_mode;  // row blocks of at most this many rows also prefetch two levels ahead
+  int64_t w_stride, v_stride;  // row strides of node_weight and out_weight (d_in and d_out unless packed)
+  int child_mode;              // 2: prefetch both children a level ahead; 0: leave it to the hardware
 };
 
 // Tuning knobs (set once from Python for experiments; the defaults are the measured best).
-static int g_deep_rows = 0;
 static int g_child_mode = 0;
 static int g_child_mode_a = 2;
 
@@ -294,7 +294,8 @@ at::Tensor leaf_mlp_tree(const at::Tensor& x, const at::Tensor& node_weight, con
 }
 
 at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const at::Tensor& node_bias,
-                       const at::Tensor& out_weight, const at::Tensor& out_bias, int64_t act, bool tie_ge, int64_t isa) {
+                       const at::Tensor& out_weight, const at::Tensor& out_bias, int64_t act, bool tie_ge, int64_t isa,
+                       const c10::optional<at::Tensor>& packed = c10::nullopt) {
   const auto dtype = node_weight.scalar_type();
   TORCH_CHECK(node_weight.dim() == 3 && node_weight.size(2) >= 1, "node_weight must be (P, 2^(D+1) - 1, d_in) with d_in >= 1");
   const int64_t d_in = node_weight.size(2);
@@ -308,7 +309,16 @@ at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const
   at::Tensor out = at::empty(out_shape, x.options());
   NeuronArgs p{X.data_ptr(), out.data_ptr(), nw.data_ptr(), nb.data_ptr(), ow.data_ptr(), ob.data_ptr(),
                X.numel() / d_in, d_in, d_out, nw.size(0), nodes,
-               static_cast<int>(64 - __builtin_clzll(uint64_t(nodes + 1)) - 2), static_cast<int>(act), tie_ge, g_deep_rows, g_child_mode};
+               static_cast<int>(64 - __builtin_clzll(uint64_t(nodes + 1)) - 2), static_cast<int>(act), tie_ge,
+               d_in, d_out, g_child_mode};
+  if (packed.has_value()) {  // [W | V] per node: (P, n, d_in + d_out)
+    const at::Tensor& pk = *packed;
+    TORCH_CHECK(pk.is_contiguous() && pk.scalar_type() == dtype && pk.dim() == 3 && pk.size(0) == nw.size(0) &&
+                pk.size(1) == nodes && pk.size(2) == d_in + d_out, "packed weights do not match the layer");
+    p.node_weight = pk.data_ptr();
+    p.out_weight = static_cast<const char*>(pk.data_ptr()) + d_in * pk.element_size();
+    p.w_stride = p.v_stride = d_in + d_out;
+  }
   if (p.rows > 0) {
     const int chosen = resolve_isa(isa);
     switch (dtype) {
@@ -324,14 +334,33 @@ at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const
 
 // A layer's weights held once (the very tensors: in-place updates and `.data =` are seen), so that a
 // call passes one tensor through pybind instead of seven.
+//
+// Form B also keeps a packed copy [W_n | V_n] per node (one contiguous stream per visited neuron
+// instead of two: measured ~10% faster at large batch), rebuilt whenever either source tensor's
+// version counter, storage or dtype changes, so in-place updates are never missed.
 struct Prepared {
   bool leaf;
   at::Tensor nw, nb, a, b;            // form A: leaf_w1, leaf_b1; form B: out_weight, out_bias
   c10::optional<at::Tensor> w2, b2;   // form A only
   int64_t act;
   bool tie_ge;
-  at::Tensor call(const at::Tensor& x) const {
-    return leaf ? leaf_mlp_tree(x, nw, nb, a, b, w2, b2, act, tie_ge, -1) : neuron_tree(x, nw, nb, a, b, act, tie_ge, -1);
+  at::Tensor packed;
+  int64_t packed_versions[2] = {-1, -1};
+  const void* packed_ptrs[2] = {nullptr, nullptr};
+
+  at::Tensor call(const at::Tensor& x) {
+    if (leaf) return leaf_mlp_tree(x, nw, nb, a, b, w2, b2, act, tie_ge, -1);
+    if (nw.dim() == 3 && a.dim() == 3 && nw.scalar_type() == a.scalar_type() && x.scalar_type() == nw.scalar_type()) {
+      if (!packed.defined() || nw._version() != packed_versions[0] || a._version() != packed_versions[1] ||
+          nw.data_ptr() != packed_ptrs[0] || a.data_ptr() != packed_ptrs[1] || packed.scalar_type() != nw.scalar_type() ||
+          packed.size(0) != nw.size(0) || packed.size(1) != nw.size(1) || packed.size(2) != nw.size(2) + a.size(2)) {
+        packed = at::cat({nw, a}, 2).contiguous();
+        packed_versions[0] = nw._version(); packed_versions[1] = a._version();
+        packed_ptrs[0] = nw.data_ptr(); packed_ptrs[1] = a.data_ptr();
+      }
+      return neuron_tree(x, nw, nb, a, b, act, tie_ge, -1, packed);
+    }
+    return neuron_tree(x, nw, nb, a, b, act, tie_ge, -1);
   }
 };
 
@@ -344,7 +373,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("leaf_w2"), py::arg("leaf_b2"), py::arg("act"), py::arg("tie_ge"), py::arg("isa") = -1);
   m.def("neuron_tree", &fff::neuron_tree, "form B: neuron tree, hard descent",
         py::arg("x"), py::arg("node_weight"), py::arg("node_bias"), py::arg("out_weight"), py::arg("out_bias"),
-        py::arg("act"), py::arg("tie_ge"), py::arg("isa") = -1);
+        py::arg("act"), py::arg("tie_ge"), py::arg("isa") = -1, py::arg("packed") = py::none());
   py::class_<fff::Prepared>(m, "Prepared", "one layer's weights, held for repeated calls: prepared(x) -> y")
       .def(py::init([](bool leaf, at::Tensor nw, at::Tensor nb, at::Tensor a, at::Tensor b, c10::optional<at::Tensor> w2,
                        c10::optional<at::Tensor> b2, int64_t act, bool tie_ge) {
@@ -353,8 +382,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("leaf"), py::arg("node_weight"), py::arg("node_bias"), py::arg("a"), py::arg("b"), py::arg("leaf_w2"),
            py::arg("leaf_b2"), py::arg("act"), py::arg("tie_ge"))
       .def("__call__", &fff::Prepared::call, py::arg("x"));
-  m.def("_tune", [](int deep_rows, int child_mode, int child_mode_a) {
-          fff::g_deep_rows = deep_rows; fff::g_child_mode = child_mode; fff::g_child_mode_a = child_mode_a; },
+  m.def("_tune", [](int child_mode, int child_mode_a) { fff::g_child_mode = child_mode; fff::g_child_mode_a = child_mode_a; },
         "set tuning knobs (experiments only)");
   m.def("isa", []() { return std::string(fff::isa_name(fff::g_isa)); }, "instruction set chosen at load");
 }
