@@ -12,6 +12,7 @@
 // leaf's MLP over its rows four at a time, so a leaf's weights stream once per four rows.
 
 #include <torch/extension.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -214,6 +215,12 @@ void run_leaf(const LeafArgs& p, int isa) {
   const Kernels<S> k = kernels_for<S>(isa);
   const int64_t rows = p.rows;
   const int64_t n_leaves = int64_t(1) << p.depth;
+  if (rows <= 4) {  // a few rows: route and run each leaf directly, no sort
+    int64_t leaf[4], row[4] = {0, 1, 2, 3};
+    k.route(p, 0, rows, leaf);
+    for (int64_t r = 0; r < rows; ++r) k.apply(p, leaf[r], row + r, 1);
+    return;
+  }
   std::vector<int64_t> leaf(rows);
   const int64_t route_macs = std::max<int64_t>(1, p.depth * p.d_in);
   at::parallel_for(0, rows, grain_for(route_macs), [&](int64_t b, int64_t e) { k.route(p, b, e, leaf.data() + b); });
@@ -275,7 +282,7 @@ at::Tensor leaf_mlp_tree(const at::Tensor& x, const at::Tensor& node_weight, con
   const int64_t width = w1.size(2), d_out = mlp ? w2.size(2) : width;
   c10::SmallVector<int64_t, 4> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
-  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor out(at::detail::empty_cpu(out_shape, x.scalar_type()));  // no dispatcher round trip
   LeafArgs p{X.data_ptr(), out.data_ptr(), nw.data_ptr(), nb.data_ptr(), w1.data_ptr(), b1.data_ptr(),
              mlp ? w2.data_ptr() : nullptr, mlp ? b2.data_ptr() : nullptr,
              X.numel() / d_in, d_in, width, d_out, static_cast<int>(64 - __builtin_clzll(uint64_t(nw.size(0) + 1)) - 1),
@@ -306,7 +313,7 @@ at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const
   const int64_t d_out = ow.size(2), nodes = nw.size(1);
   c10::SmallVector<int64_t, 4> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
-  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor out(at::detail::empty_cpu(out_shape, x.scalar_type()));  // no dispatcher round trip
   NeuronArgs p{X.data_ptr(), out.data_ptr(), nw.data_ptr(), nb.data_ptr(), ow.data_ptr(), ob.data_ptr(),
                X.numel() / d_in, d_in, d_out, nw.size(0), nodes,
                static_cast<int>(64 - __builtin_clzll(uint64_t(nodes + 1)) - 2), static_cast<int>(act), tie_ge,
