@@ -308,8 +308,25 @@ at::Tensor leaf_mlp_tree(const at::Tensor& x, const at::Tensor& node_weight, con
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d_in, "input has last dim ", x.dim() ? x.size(-1) : 0, ", the FFF expects d_in = ", d_in);
   const bool mlp = leaf_w2.has_value() && leaf_w2->defined();
   at::Tensor w2, b2;
+  TORCH_CHECK(!mlp || (leaf_b2.has_value() && leaf_b2->defined()), "leaf_b2 is required with leaf_w2");
+  TORCH_CHECK(mlp || !(leaf_b2.has_value() && leaf_b2->defined()), "leaf_b2 must be None without leaf_w2");
   if (mlp) { w2 = leaf_w2->contiguous(); b2 = leaf_b2->contiguous(); check_float(w2, dtype, "leaf_w2"); check_float(b2, dtype, "leaf_b2"); }
-  for (auto* t : {&x, &node_bias, &leaf_w1, &leaf_b1}) check_float(*t, dtype, "argument");
+  check_float(x, dtype, "x");
+  check_float(node_bias, dtype, "node_bias");
+  check_float(leaf_w1, dtype, "leaf_w1");
+  check_float(leaf_b1, dtype, "leaf_b1");
+  {  // shapes (FFFSpec's rules): a mismatch must be an error, never an out-of-bounds read
+    const int64_t N = node_weight.size(0), L = N + 1;
+    TORCH_CHECK((L & (L - 1)) == 0, "node_weight has ", N, " rows; 2^D - 1 expected");
+    TORCH_CHECK(node_bias.dim() == 1 && node_bias.size(0) == N, "node_bias must be (", N, ",)");
+    TORCH_CHECK(leaf_w1.dim() == 3 && leaf_w1.size(0) == L && leaf_w1.size(1) == d_in, "leaf_w1 must be (", L, ", ", d_in, ", l)");
+    const int64_t l = leaf_w1.size(2);
+    TORCH_CHECK(leaf_b1.dim() == 2 && leaf_b1.size(0) == L && leaf_b1.size(1) == l, "leaf_b1 must be (", L, ", ", l, ")");
+    if (mlp) {
+      TORCH_CHECK(w2.dim() == 3 && w2.size(0) == L && w2.size(1) == l, "leaf_w2 must be (", L, ", ", l, ", d_out)");
+      TORCH_CHECK(b2.dim() == 2 && b2.size(0) == L && b2.size(1) == w2.size(2), "leaf_b2 must be (", L, ", ", w2.size(2), ")");
+    }
+  }
   const at::Tensor X = x.contiguous();
   at::Tensor nw = node_weight.contiguous(), nb = node_bias.contiguous(), w1 = leaf_w1.contiguous(), b1 = leaf_b1.contiguous();
   const int64_t width = w1.size(2), d_out = mlp ? w2.size(2) : width;
@@ -340,7 +357,17 @@ at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const
   TORCH_CHECK(node_weight.dim() == 3 && node_weight.size(2) >= 1, "node_weight must be (P, 2^(D+1) - 1, d_in) with d_in >= 1");
   const int64_t d_in = node_weight.size(2);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d_in, "input has last dim ", x.dim() ? x.size(-1) : 0, ", the FFF expects d_in = ", d_in);
-  for (auto* t : {&x, &node_bias, &out_weight, &out_bias}) check_float(*t, dtype, "argument");
+  check_float(x, dtype, "x");
+  check_float(node_bias, dtype, "node_bias");
+  check_float(out_weight, dtype, "out_weight");
+  check_float(out_bias, dtype, "out_bias");
+  {  // shapes (FFFSpec's rules): a mismatch must be an error, never an out-of-bounds read
+    const int64_t P = node_weight.size(0), n = node_weight.size(1);
+    TORCH_CHECK(P >= 1 && ((n + 1) & n) == 0 && n >= 1, "node_weight must be (P, 2^(D+1) - 1, d_in), got ", n, " neurons");
+    TORCH_CHECK(node_bias.dim() == 2 && node_bias.size(0) == P && node_bias.size(1) == n, "node_bias must be (", P, ", ", n, ")");
+    TORCH_CHECK(out_weight.dim() == 3 && out_weight.size(0) == P && out_weight.size(1) == n, "out_weight must be (", P, ", ", n, ", d_out)");
+    TORCH_CHECK(out_bias.dim() == 1 && out_bias.size(0) == out_weight.size(2), "out_bias must be (", out_weight.size(2), ",)");
+  }
   const at::Tensor X = x.contiguous();
   at::Tensor nw = node_weight.contiguous(), nb = node_bias.contiguous(), ow = out_weight.contiguous(), ob = out_bias.contiguous();
   const int64_t d_out = ow.size(2), nodes = nw.size(1);
