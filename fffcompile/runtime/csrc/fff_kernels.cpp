@@ -441,7 +441,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("neuron_tree", &fff::neuron_tree, "form B: neuron tree, hard descent",
         py::arg("x"), py::arg("node_weight"), py::arg("node_bias"), py::arg("out_weight"), py::arg("out_bias"),
         py::arg("act"), py::arg("tie_ge"), py::arg("isa") = -1, py::arg("packed") = py::none());
-  py::class_<fff::Prepared>(m, "Prepared", "one layer's weights, held for repeated calls: prepared(x) -> y")
+  py::class_<fff::Prepared>(m, "Prepared", py::module_local(), "one layer's weights, held for repeated calls: prepared(x) -> y")
       .def(py::init([](bool leaf, at::Tensor nw, at::Tensor nb, at::Tensor a, at::Tensor b, c10::optional<at::Tensor> w2,
                        c10::optional<at::Tensor> b2, int64_t act, bool tie_ge) {
              return fff::Prepared{leaf, nw, nb, a, b, w2, b2, act, tie_ge};
