@@ -262,7 +262,7 @@ def write_plot(results: dict, path: str):
                 pts = [(r["batch"], r["ratio_to_dense"][method]) for r in rows if r["threads"] == threads and method in r["seconds"]]
                 if method == "dense" or not pts:
                     continue
-                ax.plot(*zip(*pts), style, marker="o", label=f"{method} ({threads} thr)")
+                ax.plot(*zip(*pts), style, marker="o", color=f"C{METHODS.index(method)}", label=f"{method} ({threads} thr)")
         for (s, b), goal in GOALS.items():
             if s == shape:
                 ax.plot([b], [goal], "k*", markersize=10)

@@ -295,3 +295,25 @@ def test_fused_module_under_torch_compile_keeps_the_op(ext):
     with torch.no_grad():
         compiled = torch.compile(model, fullgraph=True)     # fullgraph: the fast call must not break the graph
         torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
+def test_malformed_arguments_are_errors_not_crashes(ext, form):
+    spec = make_spec(form=form, depth=2, d_in=6, d_out=4, leaf_width=3, trees=2, seed=23)
+    x = random_input(spec, (2,), 24)
+    args = list(ops.op_arguments(spec)[:-2])
+    fn = ext.leaf_mlp_tree if form == "leaf_mlp" else ext.neuron_tree
+    for i, t in enumerate(args):
+        if t is None:
+            continue
+        bad = list(args)
+        bad[i] = t[..., :-1] if t.shape[-1] > 1 else t[:-1]          # one dim one short
+        with pytest.raises(RuntimeError):
+            fn(x, *bad, 0, True)
+    with pytest.raises(RuntimeError, match="d_in = 6"):
+        fn(torch.randn(2, 5), *args, 0, True)
+    with pytest.raises(RuntimeError, match="dtype"):
+        fn(x.double(), *args, 0, True)
+    if form == "leaf_mlp":
+        with pytest.raises(RuntimeError, match="leaf_b2"):
+            fn(x, *args[:5], None, 0, True)

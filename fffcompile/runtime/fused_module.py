@@ -9,13 +9,15 @@ Fast path: in CPU inference (autograd off, a plain ``torch.Tensor`` of the weigh
 under torch.compile, export or jit tracing) the tree runs through a C++ handle that holds the
 weights (``cpu_kernel.prepare``), skipping the dispatcher: one C++ call per forward. The handle
 is the same kernel the op's CPU implementation calls, so the numbers are identical; it is built
-on the first such call and dropped when the parameters are moved, cast or replaced.
+on the first such call and dropped when the parameters are moved, cast or replaced. For form B
+the handle also keeps a packed copy of the node and output rows (the layer's size again),
+rebuilt when either changes. ``__call__`` goes to the handle directly when no hook, compiled
+call or tracing is involved (saving nn.Module's call machinery); otherwise ``forward`` runs.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-
 from torch.nn.modules import module as _module
 
 from .. import activations

@@ -21,11 +21,6 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
 }
 
-// Prefetch into L2 only (for rows needed two or more levels later).
-inline void prefetch_bytes_l2(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
-}
 
 // z[r] = x[r] . w[r] (length n) for NR rows at once: independent streams keep several loads in flight.
 template <class V, int NR>
@@ -151,6 +146,36 @@ inline const A* row_as_acc(const S* x, int64_t n, A* buf) {
   }
 }
 
+// y[0:m] = bias[0:m] + sum_k alpha[k] * v[k][0:m]: one pass over y with K independent row streams
+// (form B's output: the K = P (D + 1) path neurons' rows, all addresses known before the pass).
+template <class V>
+inline void gather_sum(typename V::A* y, const typename V::S* bias, const typename V::S* const* v,
+                       const typename V::A* alpha, int64_t K, int64_t m) {
+  using A = typename V::A;
+  using R = typename V::R;
+  constexpr int W = V::W;
+  int64_t j = 0;
+  for (; j + 4 * W <= m; j += 4 * W) {
+    R acc[4];
+    for (int u = 0; u < 4; ++u) acc[u] = V::load(bias + j + u * W);
+    for (int64_t k = 0; k < K; ++k) {
+      const R s = V::set1(alpha[k]);
+      for (int u = 0; u < 4; ++u) acc[u] = V::fma(s, V::load(v[k] + j + u * W), acc[u]);
+    }
+    for (int u = 0; u < 4; ++u) V::storeA(y + j + u * W, acc[u]);
+  }
+  for (; j + W <= m; j += W) {
+    R acc = V::load(bias + j);
+    for (int64_t k = 0; k < K; ++k) acc = V::fma(V::set1(alpha[k]), V::load(v[k] + j), acc);
+    V::storeA(y + j, acc);
+  }
+  for (; j < m; ++j) {
+    A t = static_cast<A>(bias[j]);
+    for (int64_t k = 0; k < K; ++k) t += alpha[k] * static_cast<A>(v[k][j]);
+    y[j] = t;
+  }
+}
+
 // ------------------------------------------------------------------------------------------- form A
 
 // Route rows [begin, end) to their leaves (leaf[r]), NR = 4 rows interleaved per level.
@@ -237,6 +262,8 @@ void leaf_apply(const LeafArgs& p, int64_t j, const int64_t* rows, int64_t count
 
 // ------------------------------------------------------------------------------------------- form B
 
+// Per block of up to 4 rows: descend every tree recording each path neuron's act(a) and its
+// output row, then write each row's output in one pass over all its path rows (gather_sum).
 template <class S>
 void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
   using V = Vec<S>;
@@ -248,40 +275,28 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
   const S* OW = static_cast<const S*>(p.out_weight);
   const S* OB = static_cast<const S*>(p.out_bias);
   const int64_t d = p.d_in, m = p.d_out, n = p.nodes;
+  const int64_t sw = p.w_stride, sv = p.v_stride;   // row strides: d and m, or d + m for the packed [W | V] layout
+  const int64_t K = p.trees * (p.depth + 1);        // path neurons per row
   constexpr bool same = std::is_same<S, A>::value;
-  std::vector<A> xbuf(same ? 0 : 4 * d), ybuf(same ? 0 : 4 * m);
+  std::vector<A> xbuf(same ? 0 : 4 * d), ybuf(same ? 0 : 4 * m), alpha(4 * K);
+  std::vector<const S*> vrow(4 * K);
   for (int64_t r0 = begin; r0 < end; r0 += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, end - r0));
     const A* xr[4];
-    A* yr[4];
-    for (int r = 0; r < nr; ++r) {
-      xr[r] = row_as_acc<S, A>(X + (r0 + r) * d, d, xbuf.data() + r * d);
-      if constexpr (same) yr[r] = reinterpret_cast<A*>(Y + (r0 + r) * m);
-      else yr[r] = ybuf.data() + r * m;
-      for (int64_t o = 0; o < m; ++o) yr[r][o] = static_cast<A>(OB[o]);
-    }
+    for (int r = 0; r < nr; ++r) xr[r] = row_as_acc<S, A>(X + (r0 + r) * d, d, xbuf.data() + r * d);
     for (int r = nr; r < 4; ++r) xr[r] = xr[0];
+    int64_t k = 0;
     for (int64_t t = 0; t < p.trees; ++t) {
-      const S* TW = NW + t * n * d;
+      const S* TW = NW + t * n * sw;
       const S* TB = NB + t * n;
-      const S* TV = OW + t * n * m;
+      const S* TV = OW + t * n * sv;
       int64_t node[4] = {0, 0, 0, 0};
       const S* wr[4];
       A z[4];
-      for (int level = 0; level <= p.depth; ++level) {
-        for (int r = 0; r < 4; ++r) wr[r] = TW + node[r < nr ? r : 0] * d;
-        if (p.child_mode == 3)
-          for (int r = 0; r < nr; ++r) prefetch_bytes(TV + node[r] * m, m * int64_t(sizeof(S)));
-        if (level < p.depth && p.child_mode == 2)  // both children (adjacent rows) of W and V, a level ahead of their use
-          for (int r = 0; r < nr; ++r) {
-            prefetch_bytes(TW + (2 * node[r] + 1) * d, 2 * d * int64_t(sizeof(S)));
-            prefetch_bytes(TV + (2 * node[r] + 1) * m, 2 * m * int64_t(sizeof(S)));
-          }
-        if (nr <= p.deep_rows && level + 1 < p.depth)  // and the four grandchildren, into L2
-          for (int r = 0; r < nr; ++r) {
-            prefetch_bytes_l2(TW + (4 * node[r] + 3) * d, 4 * d * int64_t(sizeof(S)));
-            prefetch_bytes_l2(TV + (4 * node[r] + 3) * m, 4 * m * int64_t(sizeof(S)));
-          }
+      for (int level = 0; level <= p.depth; ++level, ++k) {
+        for (int r = 0; r < 4; ++r) wr[r] = TW + node[r < nr ? r : 0] * sw;
+        if (level < p.depth && p.child_mode == 2)  // both children's W rows, a level ahead of their use
+          for (int r = 0; r < nr; ++r) prefetch_bytes(TW + (2 * node[r] + 1) * sw, (sw + d) * int64_t(sizeof(S)));
         switch (nr) {
           case 4: dots<V, 4>(xr, wr, d, z); break;
           case 3: dots<V, 3>(xr, wr, d, z); break;
@@ -291,20 +306,19 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
         for (int r = 0; r < nr; ++r) {
           const A a = z[r] + static_cast<A>(TB[node[r]]);
           const bool right = p.tie_ge ? (a >= A(0)) : (a > A(0));
-          const int64_t child = 2 * node[r] + 1 + (right ? 1 : 0);
-          if (level < p.depth && p.child_mode >= 1 && p.child_mode != 2) {
-            prefetch_bytes(TW + child * d, d * int64_t(sizeof(S)));
-            if (p.child_mode == 1) prefetch_bytes(TV + child * m, m * int64_t(sizeof(S)));
-          }
-          axpy<V>(yr[r], activation<A>(p.act, a), TV + node[r] * m, m);
-          node[r] = child;
+          alpha[r * K + k] = activation<A>(p.act, a);
+          vrow[r * K + k] = TV + node[r] * sv;
+          node[r] = 2 * node[r] + 1 + (right ? 1 : 0);
         }
       }
     }
-    if constexpr (!same)
-      for (int r = 0; r < nr; ++r) {
+    for (int r = 0; r < nr; ++r) {
+      A* y = same ? reinterpret_cast<A*>(Y + (r0 + r) * m) : ybuf.data() + r * m;
+      gather_sum<V>(y, OB, vrow.data() + r * K, alpha.data() + r * K, K, m);
+      if constexpr (!same) {
         S* out = Y + (r0 + r) * m;
-        for (int64_t o = 0; o < m; ++o) out[o] = static_cast<S>(yr[r][o]);
+        for (int64_t o = 0; o < m; ++o) out[o] = static_cast<S>(y[o]);
       }
+    }
   }
 }

@@ -4,14 +4,17 @@
 // intermediate tensors. The body (fff_body.h) is compiled three times, for AVX-512F, AVX2+FMA
 // and baseline x86-64 / any other CPU, each in its own namespace under `#pragma GCC target`;
 // the instruction set is picked once at run time (__builtin_cpu_supports). float32 and float64
-// run in their own type; bfloat16 and float16 are converted to float32 on load, accumulated in
-// float32 and rounded once on store (reference.py's rule).
+// run in their own type; bfloat16 and float16 are widened to float32 on load (vectorised: shift /
+// F16C), accumulated in float32 and rounded once on store (reference.py's rule). The AVX-512
+// path is compiled wherever the compiler knows the target and runs where the CPU reports
+// avx512f; the development machine (AMD Zen 3) has none, so it has compiled but not yet run.
 //
 // Parallelism: at::parallel_for over row blocks, one thread below a work threshold. Form A
 // routes every row first (leaf index per row), groups rows by leaf (counting sort) and runs each
 // leaf's MLP over its rows four at a time, so a leaf's weights stream once per four rows.
 
 #include <torch/extension.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -61,11 +64,14 @@ struct NeuronArgs {
   const void* x; void* out;
   const void *node_weight, *node_bias, *out_weight, *out_bias;
   int64_t rows, d_in, d_out, trees, nodes; int depth; int act; bool tie_ge;
-  int deep_rows, child_mode;  // row blocks of at most this many rows also prefetch two levels ahead
+  int64_t w_stride, v_stride;  // row strides of node_weight and out_weight (d_in and d_out unless packed)
+  int child_mode;              // 2: prefetch both children a level ahead; 0: leave it to the hardware
 };
 
-// Tuning knobs (set once from Python for experiments; the defaults are the measured best).
-static int g_deep_rows = 0;
+// Tuning knobs (the defaults are the measured best; `_tune` changes them for experiments only).
+// child_mode 2 prefetches both children's rows a level ahead. On the Zen 3 development machine
+// it made form B slower (UltraFastBERT shape, batch 1: 5.1 vs 4.2 us per token; batch 256: 3.6
+// vs 2.6 us per row) than leaving the streams to the hardware prefetcher, and form A no slower.
 static int g_child_mode = 0;
 static int g_child_mode_a = 2;
 
@@ -93,7 +99,7 @@ template <class S> struct VecFor { using type = ScalarVec<S>; };
 
 #if FFF_X86
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2_isa {
 struct F32 {
   using S = float; using A = float; using R = __m256; static constexpr int W = 8;
@@ -125,16 +131,31 @@ struct F64 {
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
   }
 };
+// 16-bit storage, float32 arithmetic: 8 lanes widened on load (bfloat16: shift into the high half;
+// float16: F16C's vcvtph2ps, present on every AVX2 CPU).
+struct BF16 : F32 {
+  using S = c10::BFloat16;
+  static inline R load(const S* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+};
+struct F16 : F32 {
+  using S = c10::Half;
+  static inline R load(const S* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+};
 template <class S> struct VecFor { using type = ScalarVec<S>; };
 template <> struct VecFor<float> { using type = F32; };
 template <> struct VecFor<double> { using type = F64; };
+template <> struct VecFor<c10::BFloat16> { using type = BF16; };
+template <> struct VecFor<c10::Half> { using type = F16; };
 #include "fff_body.h"
 }  // namespace avx2_isa
 #pragma GCC pop_options
 
 // AVX-512F: compiled wherever the compiler supports the target, chosen only on CPUs that report it.
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
+#pragma GCC target("avx512f,avx2,fma,f16c")
 namespace avx512_isa {
 struct F32 {
   using S = float; using A = float; using R = __m512; static constexpr int W = 16;
@@ -158,9 +179,22 @@ struct F64 {
   static inline R add(R a, R b) { return _mm512_add_pd(a, b); }
   static inline A hsum(R v) { return _mm512_reduce_add_pd(v); }
 };
+struct BF16 : F32 {
+  using S = c10::BFloat16;
+  static inline R load(const S* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+};
+struct F16 : F32 {
+  using S = c10::Half;
+  static inline R load(const S* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+};
 template <class S> struct VecFor { using type = ScalarVec<S>; };
 template <> struct VecFor<float> { using type = F32; };
 template <> struct VecFor<double> { using type = F64; };
+template <> struct VecFor<c10::BFloat16> { using type = BF16; };
+template <> struct VecFor<c10::Half> { using type = F16; };
 #include "fff_body.h"
 }  // namespace avx512_isa
 #pragma GCC pop_options
@@ -174,7 +208,7 @@ int detected_isa() {
 #if FFF_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return ISA_AVX512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return ISA_AVX2;
 #endif
   return ISA_SCALAR;
 }
@@ -214,6 +248,12 @@ void run_leaf(const LeafArgs& p, int isa) {
   const Kernels<S> k = kernels_for<S>(isa);
   const int64_t rows = p.rows;
   const int64_t n_leaves = int64_t(1) << p.depth;
+  if (rows <= 4) {  // a few rows: route and run each leaf directly, no sort
+    int64_t leaf[4], row[4] = {0, 1, 2, 3};
+    k.route(p, 0, rows, leaf);
+    for (int64_t r = 0; r < rows; ++r) k.apply(p, leaf[r], row + r, 1);
+    return;
+  }
   std::vector<int64_t> leaf(rows);
   const int64_t route_macs = std::max<int64_t>(1, p.depth * p.d_in);
   at::parallel_for(0, rows, grain_for(route_macs), [&](int64_t b, int64_t e) { k.route(p, b, e, leaf.data() + b); });
@@ -268,14 +308,31 @@ at::Tensor leaf_mlp_tree(const at::Tensor& x, const at::Tensor& node_weight, con
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d_in, "input has last dim ", x.dim() ? x.size(-1) : 0, ", the FFF expects d_in = ", d_in);
   const bool mlp = leaf_w2.has_value() && leaf_w2->defined();
   at::Tensor w2, b2;
+  TORCH_CHECK(!mlp || (leaf_b2.has_value() && leaf_b2->defined()), "leaf_b2 is required with leaf_w2");
+  TORCH_CHECK(mlp || !(leaf_b2.has_value() && leaf_b2->defined()), "leaf_b2 must be None without leaf_w2");
   if (mlp) { w2 = leaf_w2->contiguous(); b2 = leaf_b2->contiguous(); check_float(w2, dtype, "leaf_w2"); check_float(b2, dtype, "leaf_b2"); }
-  for (auto* t : {&x, &node_bias, &leaf_w1, &leaf_b1}) check_float(*t, dtype, "argument");
+  check_float(x, dtype, "x");
+  check_float(node_bias, dtype, "node_bias");
+  check_float(leaf_w1, dtype, "leaf_w1");
+  check_float(leaf_b1, dtype, "leaf_b1");
+  {  // shapes (FFFSpec's rules): a mismatch must be an error, never an out-of-bounds read
+    const int64_t N = node_weight.size(0), L = N + 1;
+    TORCH_CHECK((L & (L - 1)) == 0, "node_weight has ", N, " rows; 2^D - 1 expected");
+    TORCH_CHECK(node_bias.dim() == 1 && node_bias.size(0) == N, "node_bias must be (", N, ",)");
+    TORCH_CHECK(leaf_w1.dim() == 3 && leaf_w1.size(0) == L && leaf_w1.size(1) == d_in, "leaf_w1 must be (", L, ", ", d_in, ", l)");
+    const int64_t l = leaf_w1.size(2);
+    TORCH_CHECK(leaf_b1.dim() == 2 && leaf_b1.size(0) == L && leaf_b1.size(1) == l, "leaf_b1 must be (", L, ", ", l, ")");
+    if (mlp) {
+      TORCH_CHECK(w2.dim() == 3 && w2.size(0) == L && w2.size(1) == l, "leaf_w2 must be (", L, ", ", l, ", d_out)");
+      TORCH_CHECK(b2.dim() == 2 && b2.size(0) == L && b2.size(1) == w2.size(2), "leaf_b2 must be (", L, ", ", w2.size(2), ")");
+    }
+  }
   const at::Tensor X = x.contiguous();
   at::Tensor nw = node_weight.contiguous(), nb = node_bias.contiguous(), w1 = leaf_w1.contiguous(), b1 = leaf_b1.contiguous();
   const int64_t width = w1.size(2), d_out = mlp ? w2.size(2) : width;
   c10::SmallVector<int64_t, 4> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
-  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor out(at::detail::empty_cpu(out_shape, x.scalar_type()));  // no dispatcher round trip
   LeafArgs p{X.data_ptr(), out.data_ptr(), nw.data_ptr(), nb.data_ptr(), w1.data_ptr(), b1.data_ptr(),
              mlp ? w2.data_ptr() : nullptr, mlp ? b2.data_ptr() : nullptr,
              X.numel() / d_in, d_in, width, d_out, static_cast<int>(64 - __builtin_clzll(uint64_t(nw.size(0) + 1)) - 1),
@@ -294,21 +351,41 @@ at::Tensor leaf_mlp_tree(const at::Tensor& x, const at::Tensor& node_weight, con
 }
 
 at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const at::Tensor& node_bias,
-                       const at::Tensor& out_weight, const at::Tensor& out_bias, int64_t act, bool tie_ge, int64_t isa) {
+                       const at::Tensor& out_weight, const at::Tensor& out_bias, int64_t act, bool tie_ge, int64_t isa,
+                       const c10::optional<at::Tensor>& packed = c10::nullopt) {
   const auto dtype = node_weight.scalar_type();
   TORCH_CHECK(node_weight.dim() == 3 && node_weight.size(2) >= 1, "node_weight must be (P, 2^(D+1) - 1, d_in) with d_in >= 1");
   const int64_t d_in = node_weight.size(2);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d_in, "input has last dim ", x.dim() ? x.size(-1) : 0, ", the FFF expects d_in = ", d_in);
-  for (auto* t : {&x, &node_bias, &out_weight, &out_bias}) check_float(*t, dtype, "argument");
+  check_float(x, dtype, "x");
+  check_float(node_bias, dtype, "node_bias");
+  check_float(out_weight, dtype, "out_weight");
+  check_float(out_bias, dtype, "out_bias");
+  {  // shapes (FFFSpec's rules): a mismatch must be an error, never an out-of-bounds read
+    const int64_t P = node_weight.size(0), n = node_weight.size(1);
+    TORCH_CHECK(P >= 1 && ((n + 1) & n) == 0 && n >= 1, "node_weight must be (P, 2^(D+1) - 1, d_in), got ", n, " neurons");
+    TORCH_CHECK(node_bias.dim() == 2 && node_bias.size(0) == P && node_bias.size(1) == n, "node_bias must be (", P, ", ", n, ")");
+    TORCH_CHECK(out_weight.dim() == 3 && out_weight.size(0) == P && out_weight.size(1) == n, "out_weight must be (", P, ", ", n, ", d_out)");
+    TORCH_CHECK(out_bias.dim() == 1 && out_bias.size(0) == out_weight.size(2), "out_bias must be (", out_weight.size(2), ",)");
+  }
   const at::Tensor X = x.contiguous();
   at::Tensor nw = node_weight.contiguous(), nb = node_bias.contiguous(), ow = out_weight.contiguous(), ob = out_bias.contiguous();
   const int64_t d_out = ow.size(2), nodes = nw.size(1);
   c10::SmallVector<int64_t, 4> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
-  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor out(at::detail::empty_cpu(out_shape, x.scalar_type()));  // no dispatcher round trip
   NeuronArgs p{X.data_ptr(), out.data_ptr(), nw.data_ptr(), nb.data_ptr(), ow.data_ptr(), ob.data_ptr(),
                X.numel() / d_in, d_in, d_out, nw.size(0), nodes,
-               static_cast<int>(64 - __builtin_clzll(uint64_t(nodes + 1)) - 2), static_cast<int>(act), tie_ge, g_deep_rows, g_child_mode};
+               static_cast<int>(64 - __builtin_clzll(uint64_t(nodes + 1)) - 2), static_cast<int>(act), tie_ge,
+               d_in, d_out, g_child_mode};
+  if (packed.has_value()) {  // [W | V] per node: (P, n, d_in + d_out)
+    const at::Tensor& pk = *packed;
+    TORCH_CHECK(pk.is_contiguous() && pk.scalar_type() == dtype && pk.dim() == 3 && pk.size(0) == nw.size(0) &&
+                pk.size(1) == nodes && pk.size(2) == d_in + d_out, "packed weights do not match the layer");
+    p.node_weight = pk.data_ptr();
+    p.out_weight = static_cast<const char*>(pk.data_ptr()) + d_in * pk.element_size();
+    p.w_stride = p.v_stride = d_in + d_out;
+  }
   if (p.rows > 0) {
     const int chosen = resolve_isa(isa);
     switch (dtype) {
@@ -324,14 +401,33 @@ at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const
 
 // A layer's weights held once (the very tensors: in-place updates and `.data =` are seen), so that a
 // call passes one tensor through pybind instead of seven.
+//
+// Form B also keeps a packed copy [W_n | V_n] per node (one contiguous stream per visited neuron
+// instead of two: measured ~10% faster at large batch), rebuilt whenever either source tensor's
+// version counter, storage or dtype changes, so in-place updates are never missed.
 struct Prepared {
   bool leaf;
   at::Tensor nw, nb, a, b;            // form A: leaf_w1, leaf_b1; form B: out_weight, out_bias
   c10::optional<at::Tensor> w2, b2;   // form A only
   int64_t act;
   bool tie_ge;
-  at::Tensor call(const at::Tensor& x) const {
-    return leaf ? leaf_mlp_tree(x, nw, nb, a, b, w2, b2, act, tie_ge, -1) : neuron_tree(x, nw, nb, a, b, act, tie_ge, -1);
+  at::Tensor packed;
+  int64_t packed_versions[2] = {-1, -1};
+  const void* packed_ptrs[2] = {nullptr, nullptr};
+
+  at::Tensor call(const at::Tensor& x) {
+    if (leaf) return leaf_mlp_tree(x, nw, nb, a, b, w2, b2, act, tie_ge, -1);
+    if (nw.dim() == 3 && a.dim() == 3 && nw.scalar_type() == a.scalar_type() && x.scalar_type() == nw.scalar_type()) {
+      if (!packed.defined() || nw._version() != packed_versions[0] || a._version() != packed_versions[1] ||
+          nw.data_ptr() != packed_ptrs[0] || a.data_ptr() != packed_ptrs[1] || packed.scalar_type() != nw.scalar_type() ||
+          packed.size(0) != nw.size(0) || packed.size(1) != nw.size(1) || packed.size(2) != nw.size(2) + a.size(2)) {
+        packed = at::cat({nw, a}, 2).contiguous();
+        packed_versions[0] = nw._version(); packed_versions[1] = a._version();
+        packed_ptrs[0] = nw.data_ptr(); packed_ptrs[1] = a.data_ptr();
+      }
+      return neuron_tree(x, nw, nb, a, b, act, tie_ge, -1, packed);
+    }
+    return neuron_tree(x, nw, nb, a, b, act, tie_ge, -1);
   }
 };
 
@@ -344,8 +440,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("leaf_w2"), py::arg("leaf_b2"), py::arg("act"), py::arg("tie_ge"), py::arg("isa") = -1);
   m.def("neuron_tree", &fff::neuron_tree, "form B: neuron tree, hard descent",
         py::arg("x"), py::arg("node_weight"), py::arg("node_bias"), py::arg("out_weight"), py::arg("out_bias"),
-        py::arg("act"), py::arg("tie_ge"), py::arg("isa") = -1);
-  py::class_<fff::Prepared>(m, "Prepared", "one layer's weights, held for repeated calls: prepared(x) -> y")
+        py::arg("act"), py::arg("tie_ge"), py::arg("isa") = -1, py::arg("packed") = py::none());
+  py::class_<fff::Prepared>(m, "Prepared", py::module_local(), "one layer's weights, held for repeated calls: prepared(x) -> y")
       .def(py::init([](bool leaf, at::Tensor nw, at::Tensor nb, at::Tensor a, at::Tensor b, c10::optional<at::Tensor> w2,
                        c10::optional<at::Tensor> b2, int64_t act, bool tie_ge) {
              return fff::Prepared{leaf, nw, nb, a, b, w2, b2, act, tie_ge};
@@ -353,8 +449,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("leaf"), py::arg("node_weight"), py::arg("node_bias"), py::arg("a"), py::arg("b"), py::arg("leaf_w2"),
            py::arg("leaf_b2"), py::arg("act"), py::arg("tie_ge"))
       .def("__call__", &fff::Prepared::call, py::arg("x"));
-  m.def("_tune", [](int deep_rows, int child_mode, int child_mode_a) {
-          fff::g_deep_rows = deep_rows; fff::g_child_mode = child_mode; fff::g_child_mode_a = child_mode_a; },
+  m.def("_tune", [](int child_mode, int child_mode_a) { fff::g_child_mode = child_mode; fff::g_child_mode_a = child_mode_a; },
         "set tuning knobs (experiments only)");
   m.def("isa", []() { return std::string(fff::isa_name(fff::g_isa)); }, "instruction set chosen at load");
 }
