@@ -331,14 +331,14 @@ class UltraFast(_NeuronParams):
                 current = (current - (2 ** d - 1)) * 2 + moves + (2 ** (d + 1) - 1)
                 mask.scatter_(2, current.unsqueeze(-1), 1.0)
         y = self.linear_out((acts * mask).flatten(1, 2))
-        return y.reshape(*oldx.shape[:-1], -1)
+        return y.view(oldx.shape[:-1] + (self.linear_out.out_features,))     # fx-traceable
 
 
 class OneHot(_NeuronParams):
     def forward(self, x):
         a = self.linear_in(x)
         lead = a.shape[:-1]
-        a3 = a.reshape(*lead, self.trees, self.n)
+        a3 = a.reshape(lead + (self.trees, self.n))
         go = self.decide(a3).long()
         node = torch.zeros_like(go[..., 0])
         visited = [node]
@@ -346,7 +346,7 @@ class OneHot(_NeuronParams):
             node = 2 * node + 1 + go.gather(-1, node.unsqueeze(-1)).squeeze(-1)
             visited.append(node)
         mask = F.one_hot(torch.stack(visited, -1), self.n).sum(-2).to(a.dtype)
-        return self.linear_out((_act(self.act)(a3) * mask).reshape(*lead, -1))
+        return self.linear_out((_act(self.act)(a3) * mask).reshape(lead + (-1,)))
 
 
 STYLES_A = {"packed": Packed, "unrolled": Unrolled, "table": Table, "logsigmoid": LogSigmoid, "path_matrix": PathMatrix,

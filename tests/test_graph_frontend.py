@@ -238,3 +238,16 @@ def test_property_capture_extract_equals_spec(case, batch):
     assert len(confirmed) == 1, (style, spec.describe(), [o.reason for *_, o in outcomes if not isinstance(o, GraphConfirmed)])
     got = confirmed[0].spec
     assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4), (style, spec.describe(), got.describe())
+
+
+@pytest.mark.parametrize("style", ["path_matrix", "one_hot"])
+def test_fx_symbolic_trace_capture_is_searched_too(style):
+    """Where torch.export cannot capture, the fx graph (torch-level ops, call_module Linear) is searched."""
+    from fffcompile.passes.graph_capture import trace_fx
+    spec = _spec(style, depth=2)
+    layer = (G.PathMatrix if style == "path_matrix" else G.OneHot)(spec).eval()
+    x = torch.randn(6, D)
+    _, outcomes = analyse(trace_fx(layer, (x,)), (x,), {})
+    confirmed = [o for *_, o in outcomes if isinstance(o, GraphConfirmed)]
+    assert len(confirmed) == 1
+    assert confirmed[0].spec.same_as(spec.replace(source=confirmed[0].spec.source), atol=2e-5, rtol=2e-4)

@@ -76,7 +76,11 @@ def _execute(gm: fx.GraphModule, n: fx.Node, lookup: Callable, double: bool = Fa
     if n.op == "call_method":
         return getattr(args[0], n.target)(*args[1:], **kwargs)
     if n.op == "call_module":
-        return gm.get_submodule(n.target)(*args, **kwargs)
+        module = gm.get_submodule(n.target)
+        if double:
+            state = {k: v.double() if v.dtype in _FLOATS else v for k, v in module.state_dict(keep_vars=True).items()}
+            return torch.func.functional_call(module, state, tuple(args), kwargs)
+        return module(*args, **kwargs)
     raise NotAFunctionOfX(f"cannot evaluate a {n.op} node on its own")
 
 
