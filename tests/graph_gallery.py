@@ -296,6 +296,51 @@ class Packed(nn.Module):
         return torch.einsum("bl,blo->bo", weights, h).reshape(*shape[:-1], -1)
 
 
+class HardIndex(_LeafParams):
+    """A form A tree that already descends: per level index_select of the node row, the index
+    recurrence 2n + 1 + [z >= 0], leaves by bmm against the gathered leaf weights."""
+
+    def __init__(self, spec: FFFSpec):
+        super().__init__(spec)
+        self.W, self.b, self.tie = P(spec.node_weight.clone()), P(spec.node_bias.clone()), spec.tie
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        cur = torch.zeros(x.shape[0], dtype=torch.long)
+        for _ in range(self.depth):
+            w = torch.index_select(self.W, 0, cur)                                       # (B, d)
+            z = torch.bmm(x.unsqueeze(1), w.unsqueeze(2)).reshape(-1) + torch.index_select(self.b, 0, cur)
+            go = (z >= 0) if self.tie == "ge" else (z > 0)
+            cur = 2 * cur + 1 + go.long()
+        leaf = cur - (2 ** self.depth - 1)
+        h = torch.bmm(x.unsqueeze(1), self.w1[leaf]).squeeze(1) + self.b1[leaf]
+        if not self.linear:
+            h = torch.bmm(_act(self.act)(h).unsqueeze(1), self.w2[leaf]).squeeze(1) + self.b2[leaf]
+        return h.reshape(*shape[:-1], -1)
+
+
+class HardDense(_LeafParams):
+    """A descending form A tree over all node logits at once: z = x W^T + b, per level
+    gather(z, n) > 0, leaves as one einsum of every leaf then a gather of the chosen one."""
+
+    def __init__(self, spec: FFFSpec):
+        super().__init__(spec)
+        self.W, self.b, self.tie = P(spec.node_weight.clone()), P(spec.node_bias.clone()), spec.tie
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        z = x @ self.W.T + self.b
+        node = torch.zeros(x.shape[0], 1, dtype=torch.long)
+        for _ in range(self.depth):
+            zn = z.gather(1, node)
+            node = 2 * node + 1 + ((zn >= 0) if self.tie == "ge" else (zn > 0)).long()
+        leaf = (node - (2 ** self.depth - 1)).squeeze(1)
+        every = self.leaves_einsum(x)                                                     # (B, L, o)
+        return every[torch.arange(x.shape[0]), leaf].reshape(*shape[:-1], -1)
+
+
 # ----------------------------------------------------------------------------- form B
 
 class _NeuronParams(nn.Module):
@@ -351,4 +396,5 @@ class OneHot(_NeuronParams):
 
 STYLES_A = {"packed": Packed, "unrolled": Unrolled, "table": Table, "logsigmoid": LogSigmoid, "path_matrix": PathMatrix,
             "threshold": Threshold}
+STYLES_HARD_A = {"hard_index": HardIndex, "hard_dense": HardDense}
 STYLES_B = {"ultrafast": UltraFast, "one_hot": OneHot}

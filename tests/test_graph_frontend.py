@@ -74,6 +74,9 @@ CASES = {
     "path_matrix": (G.PathMatrix, dict(depth=3)),
     "linear_nobias": (G.LinearNoBias, dict(depth=3, linear_leaves=True, activation="identity")),
     "threshold": (G.Threshold, dict(depth=2, activation="gelu_tanh")),
+    "hard_index": (G.HardIndex, dict(depth=3, activation="gelu")),
+    "hard_index_linear": (G.HardIndex, dict(depth=2, linear_leaves=True, activation="identity", tie="gt")),
+    "hard_dense": (G.HardDense, dict(depth=3, tie="gt")),
     "ultrafast": (G.UltraFast, dict(depth=2, trees=3, tie="gt")),
     "ultrafast_ge": (G.UltraFast, dict(depth=3, trees=1, tie="ge")),
     "one_hot": (G.OneHot, dict(depth=3, trees=2)),
@@ -84,6 +87,7 @@ CASES = {
 def test_gallery_style_is_found_rewritten_and_exact(case):
     cls, kw = CASES[case]
     style = case.split("_")[0] if case not in ("linear_nobias", "path_matrix", "one_hot") else case
+    already_hard = cls in (G.UltraFast, G.OneHot, G.HardIndex, G.HardDense)
     spec = _spec(style, **kw)
     model = TinyTransformer(D, [cls(spec), cls(spec)]).eval()
     x = torch.randn(3, 5, D)
@@ -109,7 +113,7 @@ def test_gallery_style_is_found_rewritten_and_exact(case):
         with torch.no_grad():
             out = fast(x2)
             assert rel_err(out, oracle(x2)) < 1e-4
-            if spec.form == "neuron_tree":
+            if already_hard:
                 assert rel_err(out, model(x2)) < 1e-4
             else:
                 with hardened_sigmoids(rows=shape[0] * shape[1]):
@@ -201,7 +205,7 @@ def test_module_and_graph_frontends_together():
 
 # ----------------------------------------------------------------------------- property: extract == spec
 
-A_STYLES = {"packed": G.Packed, "unrolled": G.Unrolled, "table": G.Table, "logsigmoid": G.LogSigmoid, "path_matrix": G.PathMatrix,
+A_STYLES = {"hard_index": G.HardIndex, "hard_dense": G.HardDense, "packed": G.Packed, "unrolled": G.Unrolled, "table": G.Table, "logsigmoid": G.LogSigmoid, "path_matrix": G.PathMatrix,
             "linear_nobias": G.LinearNoBias, "threshold": G.Threshold}
 B_STYLES = {"ultrafast": G.UltraFast, "one_hot": G.OneHot}
 
@@ -213,10 +217,11 @@ def built(draw):
     d_in, d_out = draw(st.integers(2, 8)), draw(st.integers(2, 8))
     if form == "leaf_mlp":
         style = draw(st.sampled_from(sorted(A_STYLES)))
-        linear = style == "linear_nobias" or (style != "unrolled" and draw(st.booleans()))
+        linear = style == "linear_nobias" or (style not in ("unrolled", "hard_dense") and draw(st.booleans()))
         act = "identity" if linear else draw(st.sampled_from(("relu", "gelu", "silu", "tanh", "gelu_tanh", "relu2")))
         spec = make_spec(depth=draw(st.integers(1, 4)), d_in=d_in, d_out=d_out, leaf_width=draw(st.integers(1, 5)),
-                         activation=act, linear_leaves=linear, seed=seed)
+                         activation=act, linear_leaves=linear, seed=seed,
+                         tie=draw(st.sampled_from(("ge", "gt"))) if style.startswith("hard") else "ge")
         if style == "linear_nobias":
             spec = spec.replace(node_bias=torch.zeros_like(spec.node_bias))
         return style, spec, A_STYLES[style](spec)

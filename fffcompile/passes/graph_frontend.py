@@ -31,7 +31,7 @@ from .graph_canonical import GraphFacts
 from .graph_capture import CaptureFailed, capture
 from .graph_confirm import GraphConfirmed, GraphRefused, confirm
 from .graph_cutout import ConstantCache, Cutout, NotAFunctionOfX
-from .graph_extract import extract_leaf_mlp, extract_neuron_tree
+from .graph_extract import extract_hard_leaf_mlp, extract_leaf_mlp, extract_neuron_tree
 from .graph_rewrite import hardened_original, rewrite
 
 HARDENED_ATTRIBUTE = "_fffcompile_graph_hardened"
@@ -98,7 +98,11 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
                 specs = extract_leaf_mlp(facts, cand, cut, d_in, seed)
                 specs = [specs] if not isinstance(specs, str) else specs
             else:
-                specs = extract_neuron_tree(facts, cand, cut, d_in, seed)
+                specs = extract_neuron_tree(facts, cand, cut, d_in, seed) if cand.sources else "no dense neuron logits"
+                if isinstance(specs, str):
+                    hard_a = extract_hard_leaf_mlp(facts, cand, cut, d_in, seed)
+                    specs = [hard_a] if not isinstance(hard_a, str) else \
+                        f"as a neuron tree: {specs}; as a descending form A tree: {hard_a}"
         except Exception as error:  # a third-party graph op the extractor cannot evaluate on probe rows
             specs = f"extraction failed at {y.name} ({type(error).__name__}: {error})"
         if isinstance(specs, str):
