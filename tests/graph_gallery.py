@@ -77,8 +77,9 @@ class _LeafParams(nn.Module):
 class Unrolled(_LeafParams):
     """fastfeedforward.FFF.training_forward, depth a plain int."""
 
-    def __init__(self, spec: FFFSpec):
+    def __init__(self, spec: FFFSpec, dropout: float = 0.0):
         super().__init__(spec)
+        self.dropout = nn.Dropout(dropout)
         self.node_weights = P(spec.node_weight.clone())
         self.node_biases = P(spec.node_bias.clone().unsqueeze(1))
         self.width, self.out = spec.leaf_width, spec.d_out
@@ -96,7 +97,7 @@ class Unrolled(_LeafParams):
             mixture.view(B, 2 ** (d + 1), L // 2 ** (d + 1)).mul_(pair)
         h = torch.matmul(x, self.w1.transpose(0, 1).flatten(1, 2)).view(B, L, self.width)
         h.add_(self.b1)
-        h = _act(self.act)(h)
+        h = self.dropout(_act(self.act)(h))
         out = torch.empty(B, L, self.out, dtype=x.dtype)
         for i in range(L):
             out[:, i].copy_(torch.matmul(h[:, i], self.w2[i]) + self.b2[i])

@@ -157,6 +157,20 @@ def test_fully_decomposed_unrolled_graph_where_eq_arange_chains():
     assert confirmed[0].spec.same_as(spec.replace(source=confirmed[0].spec.source), atol=2e-5, rtol=2e-4)
 
 
+def test_train_mode_graph_with_dropout_inside_the_tree():
+    """A train-mode capture keeps dropout(p, train=True) in the leaves; the hardened form drops it."""
+    spec = _spec("unrolled", depth=2, leaf_width=3)
+    model = TinyTransformer(D, [G.Unrolled(spec, dropout=0.3)])
+    model.train()
+    x = torch.randn(3, 5, D)
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert [(r.form, r.depth) for r in fast.report.rewritten] == [("A", 2)]
+    assert not any("dropout" in n for n in op_names(fast))
+    got = fast.get_submodule(fused_calls(fast)[0].target).spec
+    assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4)
+    assert fast.report.model_check["exactness vs the hardened original"].passed
+
+
 LOOK_ALIKES = {
     "swapped_children": lambda: G.Swapped(_spec("x", depth=3)),
     "not_a_tree": lambda: G.NotATree(_spec("x", depth=3)),

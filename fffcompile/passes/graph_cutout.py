@@ -67,6 +67,10 @@ def _execute(gm: fx.GraphModule, n: fx.Node, lookup: Callable, double: bool = Fa
     if double and kwargs.get("dtype") in _FLOATS:
         kwargs = {**kwargs, "dtype": torch.float64}
     if n.op == "call_function":
+        if n.target is torch.ops.aten.dropout.default:
+            return args[0]       # training-only noise: the hardened (inference) form has none
+        if n.target is torch.ops.aten.native_dropout.default:
+            return args[0], torch.ones_like(args[0], dtype=torch.bool)
         if n.target is torch.ops.aten.copy.default and not kwargs:
             # functional copy(self, src): src broadcast to self's shape and dtype. The kernel clones self
             # with its strides first, which for a view of a large buffer allocates the whole buffer.

@@ -168,8 +168,11 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
     gm = captured.module
     facts, outcomes = analyse(gm, inputs, example_kwargs or {}, seed)
     confirmed = []
+    taken: set = set()
     for cand, cut, y, outcome in outcomes:
         where = cand.where
+        if isinstance(outcome, GraphConfirmed) and taken.intersection(cut.nodes):
+            outcome = GraphRefused("its subgraph overlaps another confirmed FFF's; only the first is rewritten")
         if not isinstance(outcome, GraphConfirmed):
             report.left.append(Left(where, f"graph: {outcome.reason}", outcome.near_miss, frontend="fx"))
             continue
@@ -179,6 +182,7 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
                                            f"min_leaf_agreement={min_leaf_agreement:.1%}; kept soft", frontend="fx"))
             continue
         confirmed.append((cand, cut, y, spec, where))
+        taken.update(cut.nodes)
         report.rewritten.append(Rewritten(
             where=where, form=spec.form_letter, depth=spec.depth, trees=spec.trees, d_in=spec.d_in, d_out=spec.d_out,
             source=spec.source, frontend="fx", exactness=outcome.exactness, fidelity=fidelity,
