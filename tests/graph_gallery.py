@@ -77,8 +77,9 @@ class _LeafParams(nn.Module):
 class Unrolled(_LeafParams):
     """fastfeedforward.FFF.training_forward, depth a plain int."""
 
-    def __init__(self, spec: FFFSpec):
+    def __init__(self, spec: FFFSpec, dropout: float = 0.0):
         super().__init__(spec)
+        self.dropout = nn.Dropout(dropout)
         self.node_weights = P(spec.node_weight.clone())
         self.node_biases = P(spec.node_bias.clone().unsqueeze(1))
         self.width, self.out = spec.leaf_width, spec.d_out
@@ -96,7 +97,7 @@ class Unrolled(_LeafParams):
             mixture.view(B, 2 ** (d + 1), L // 2 ** (d + 1)).mul_(pair)
         h = torch.matmul(x, self.w1.transpose(0, 1).flatten(1, 2)).view(B, L, self.width)
         h.add_(self.b1)
-        h = _act(self.act)(h)
+        h = self.dropout(_act(self.act)(h))
         out = torch.empty(B, L, self.out, dtype=x.dtype)
         for i in range(L):
             out[:, i].copy_(torch.matmul(h[:, i], self.w2[i]) + self.b2[i])
@@ -296,6 +297,51 @@ class Packed(nn.Module):
         return torch.einsum("bl,blo->bo", weights, h).reshape(*shape[:-1], -1)
 
 
+class HardIndex(_LeafParams):
+    """A form A tree that already descends: per level index_select of the node row, the index
+    recurrence 2n + 1 + [z >= 0], leaves by bmm against the gathered leaf weights."""
+
+    def __init__(self, spec: FFFSpec):
+        super().__init__(spec)
+        self.W, self.b, self.tie = P(spec.node_weight.clone()), P(spec.node_bias.clone()), spec.tie
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        cur = torch.zeros(x.shape[0], dtype=torch.long)
+        for _ in range(self.depth):
+            w = torch.index_select(self.W, 0, cur)                                       # (B, d)
+            z = torch.bmm(x.unsqueeze(1), w.unsqueeze(2)).reshape(-1) + torch.index_select(self.b, 0, cur)
+            go = (z >= 0) if self.tie == "ge" else (z > 0)
+            cur = 2 * cur + 1 + go.long()
+        leaf = cur - (2 ** self.depth - 1)
+        h = torch.bmm(x.unsqueeze(1), self.w1[leaf]).squeeze(1) + self.b1[leaf]
+        if not self.linear:
+            h = torch.bmm(_act(self.act)(h).unsqueeze(1), self.w2[leaf]).squeeze(1) + self.b2[leaf]
+        return h.reshape(*shape[:-1], -1)
+
+
+class HardDense(_LeafParams):
+    """A descending form A tree over all node logits at once: z = x W^T + b, per level
+    gather(z, n) > 0, leaves as one einsum of every leaf then a gather of the chosen one."""
+
+    def __init__(self, spec: FFFSpec):
+        super().__init__(spec)
+        self.W, self.b, self.tie = P(spec.node_weight.clone()), P(spec.node_bias.clone()), spec.tie
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        z = x @ self.W.T + self.b
+        node = torch.zeros(x.shape[0], 1, dtype=torch.long)
+        for _ in range(self.depth):
+            zn = z.gather(1, node)
+            node = 2 * node + 1 + ((zn >= 0) if self.tie == "ge" else (zn > 0)).long()
+        leaf = (node - (2 ** self.depth - 1)).squeeze(1)
+        every = self.leaves_einsum(x)                                                     # (B, L, o)
+        return every[torch.arange(x.shape[0]), leaf].reshape(*shape[:-1], -1)
+
+
 # ----------------------------------------------------------------------------- form B
 
 class _NeuronParams(nn.Module):
@@ -331,14 +377,14 @@ class UltraFast(_NeuronParams):
                 current = (current - (2 ** d - 1)) * 2 + moves + (2 ** (d + 1) - 1)
                 mask.scatter_(2, current.unsqueeze(-1), 1.0)
         y = self.linear_out((acts * mask).flatten(1, 2))
-        return y.reshape(*oldx.shape[:-1], -1)
+        return y.view(oldx.shape[:-1] + (self.linear_out.out_features,))     # fx-traceable
 
 
 class OneHot(_NeuronParams):
     def forward(self, x):
         a = self.linear_in(x)
         lead = a.shape[:-1]
-        a3 = a.reshape(*lead, self.trees, self.n)
+        a3 = a.reshape(lead + (self.trees, self.n))
         go = self.decide(a3).long()
         node = torch.zeros_like(go[..., 0])
         visited = [node]
@@ -346,9 +392,10 @@ class OneHot(_NeuronParams):
             node = 2 * node + 1 + go.gather(-1, node.unsqueeze(-1)).squeeze(-1)
             visited.append(node)
         mask = F.one_hot(torch.stack(visited, -1), self.n).sum(-2).to(a.dtype)
-        return self.linear_out((_act(self.act)(a3) * mask).reshape(*lead, -1))
+        return self.linear_out((_act(self.act)(a3) * mask).reshape(lead + (-1,)))
 
 
 STYLES_A = {"packed": Packed, "unrolled": Unrolled, "table": Table, "logsigmoid": LogSigmoid, "path_matrix": PathMatrix,
             "threshold": Threshold}
+STYLES_HARD_A = {"hard_index": HardIndex, "hard_dense": HardDense}
 STYLES_B = {"ultrafast": UltraFast, "one_hot": OneHot}

@@ -74,6 +74,9 @@ CASES = {
     "path_matrix": (G.PathMatrix, dict(depth=3)),
     "linear_nobias": (G.LinearNoBias, dict(depth=3, linear_leaves=True, activation="identity")),
     "threshold": (G.Threshold, dict(depth=2, activation="gelu_tanh")),
+    "hard_index": (G.HardIndex, dict(depth=3, activation="gelu")),
+    "hard_index_linear": (G.HardIndex, dict(depth=2, linear_leaves=True, activation="identity", tie="gt")),
+    "hard_dense": (G.HardDense, dict(depth=3, tie="gt")),
     "ultrafast": (G.UltraFast, dict(depth=2, trees=3, tie="gt")),
     "ultrafast_ge": (G.UltraFast, dict(depth=3, trees=1, tie="ge")),
     "one_hot": (G.OneHot, dict(depth=3, trees=2)),
@@ -84,6 +87,7 @@ CASES = {
 def test_gallery_style_is_found_rewritten_and_exact(case):
     cls, kw = CASES[case]
     style = case.split("_")[0] if case not in ("linear_nobias", "path_matrix", "one_hot") else case
+    already_hard = cls in (G.UltraFast, G.OneHot, G.HardIndex, G.HardDense)
     spec = _spec(style, **kw)
     model = TinyTransformer(D, [cls(spec), cls(spec)]).eval()
     x = torch.randn(3, 5, D)
@@ -109,7 +113,7 @@ def test_gallery_style_is_found_rewritten_and_exact(case):
         with torch.no_grad():
             out = fast(x2)
             assert rel_err(out, oracle(x2)) < 1e-4
-            if spec.form == "neuron_tree":
+            if already_hard:
                 assert rel_err(out, model(x2)) < 1e-4
             else:
                 with hardened_sigmoids(rows=shape[0] * shape[1]):
@@ -151,6 +155,20 @@ def test_fully_decomposed_unrolled_graph_where_eq_arange_chains():
     confirmed = [o for *_, o in outcomes if isinstance(o, GraphConfirmed)]
     assert len(confirmed) == 1
     assert confirmed[0].spec.same_as(spec.replace(source=confirmed[0].spec.source), atol=2e-5, rtol=2e-4)
+
+
+def test_train_mode_graph_with_dropout_inside_the_tree():
+    """A train-mode capture keeps dropout(p, train=True) in the leaves; the hardened form drops it."""
+    spec = _spec("unrolled", depth=2, leaf_width=3)
+    model = TinyTransformer(D, [G.Unrolled(spec, dropout=0.3)])
+    model.train()
+    x = torch.randn(3, 5, D)
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert [(r.form, r.depth) for r in fast.report.rewritten] == [("A", 2)]
+    assert not any("dropout" in n for n in op_names(fast))
+    got = fast.get_submodule(fused_calls(fast)[0].target).spec
+    assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4)
+    assert fast.report.model_check["exactness vs the hardened original"].passed
 
 
 LOOK_ALIKES = {
@@ -201,7 +219,7 @@ def test_module_and_graph_frontends_together():
 
 # ----------------------------------------------------------------------------- property: extract == spec
 
-A_STYLES = {"packed": G.Packed, "unrolled": G.Unrolled, "table": G.Table, "logsigmoid": G.LogSigmoid, "path_matrix": G.PathMatrix,
+A_STYLES = {"hard_index": G.HardIndex, "hard_dense": G.HardDense, "packed": G.Packed, "unrolled": G.Unrolled, "table": G.Table, "logsigmoid": G.LogSigmoid, "path_matrix": G.PathMatrix,
             "linear_nobias": G.LinearNoBias, "threshold": G.Threshold}
 B_STYLES = {"ultrafast": G.UltraFast, "one_hot": G.OneHot}
 
@@ -213,10 +231,11 @@ def built(draw):
     d_in, d_out = draw(st.integers(2, 8)), draw(st.integers(2, 8))
     if form == "leaf_mlp":
         style = draw(st.sampled_from(sorted(A_STYLES)))
-        linear = style == "linear_nobias" or (style != "unrolled" and draw(st.booleans()))
+        linear = style == "linear_nobias" or (style not in ("unrolled", "hard_dense") and draw(st.booleans()))
         act = "identity" if linear else draw(st.sampled_from(("relu", "gelu", "silu", "tanh", "gelu_tanh", "relu2")))
         spec = make_spec(depth=draw(st.integers(1, 4)), d_in=d_in, d_out=d_out, leaf_width=draw(st.integers(1, 5)),
-                         activation=act, linear_leaves=linear, seed=seed)
+                         activation=act, linear_leaves=linear, seed=seed,
+                         tie=draw(st.sampled_from(("ge", "gt"))) if style.startswith("hard") else "ge")
         if style == "linear_nobias":
             spec = spec.replace(node_bias=torch.zeros_like(spec.node_bias))
         return style, spec, A_STYLES[style](spec)
@@ -238,3 +257,16 @@ def test_property_capture_extract_equals_spec(case, batch):
     assert len(confirmed) == 1, (style, spec.describe(), [o.reason for *_, o in outcomes if not isinstance(o, GraphConfirmed)])
     got = confirmed[0].spec
     assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4), (style, spec.describe(), got.describe())
+
+
+@pytest.mark.parametrize("style", ["path_matrix", "one_hot"])
+def test_fx_symbolic_trace_capture_is_searched_too(style):
+    """Where torch.export cannot capture, the fx graph (torch-level ops, call_module Linear) is searched."""
+    from fffcompile.passes.graph_capture import trace_fx
+    spec = _spec(style, depth=2)
+    layer = (G.PathMatrix if style == "path_matrix" else G.OneHot)(spec).eval()
+    x = torch.randn(6, D)
+    _, outcomes = analyse(trace_fx(layer, (x,)), (x,), {})
+    confirmed = [o for *_, o in outcomes if isinstance(o, GraphConfirmed)]
+    assert len(confirmed) == 1
+    assert confirmed[0].spec.same_as(spec.replace(source=confirmed[0].spec.source), atol=2e-5, rtol=2e-4)

@@ -4,7 +4,9 @@ A candidate is a set of *decisions* reading one input x:
 - soft (form A): ``sigmoid(z)`` or ``log_sigmoid(z)`` where z is affine in x (any mix of
   matmul/linear/einsum with constant weights, bias adds, slices, gathers with constant
   indices, views and casts);
-- hard (form B): ``z > c`` or ``z >= c`` with z affine in x.
+- hard (form B, or form A already descending): ``z > c`` or ``z >= c`` with z affine in x, or
+  with z reading x and earlier decisions only (per-level ``index_select``/``gather`` of node
+  weights or logits by the index recurrence 2n + 1 + [z > 0]).
 
 Its *logit sources* are the tensors the decisions read, looked through pure element moves
 (views, slices, gathers with constant indices, negation); their features per row are the node
@@ -80,8 +82,51 @@ def _where(nodes) -> str:
     return ".".join(common)
 
 
+def _live(facts: GraphFacts, n: fx.Node) -> list[fx.Node]:
+    return [i for i in n.all_input_nodes if facts.depends.get(i) and facts.name[i] not in SHAPE_ONLY]
+
+
+def _reads_index(facts: GraphFacts, n: fx.Node, steps: int = 4) -> bool:
+    """An integer/bool tensor among n's inputs within a few float steps (an index gathered into data)."""
+    frontier = [n]
+    for _ in range(steps):
+        nxt = []
+        for m in frontier:
+            for i in _live(facts, m):
+                if is_float_tensor(i) is False:
+                    return True
+                nxt.append(i)
+        frontier = nxt
+    return False
+
+
+def _data_input(facts: GraphFacts, z: fx.Node) -> "fx.Node | None":
+    """For a hard decision whose logit also reads earlier decisions (z = x . W[n] with n from the
+    index recurrence): the one input x its float data comes from, past the index-dependent part."""
+    found, seen, stack = set(), set(), [z]
+    while stack:
+        n = stack.pop()
+        if n in seen or is_float_tensor(n) is False:
+            continue
+        seen.add(n)
+        root = facts.affine_source.get(n)
+        if root is None:
+            continue
+        if root is not n:
+            stack.append(root)
+            continue
+        live = _live(facts, n)
+        if n.op != "placeholder" and live and (len(live) > 1 or any(is_float_tensor(i) is False for i in live)) \
+                and _reads_index(facts, n):
+            stack.extend(live)
+        else:
+            found.add(n)
+    return found.pop() if len(found) == 1 else None
+
+
 def find_candidates(facts: GraphFacts) -> list[Candidate]:
     groups: dict[tuple[fx.Node, str], list[fx.Node]] = {}
+    hard = []
     for n in facts.nodes:
         if not facts.depends.get(n):
             continue
@@ -90,14 +135,22 @@ def find_candidates(facts: GraphFacts) -> list[Candidate]:
             continue
         x = facts.affine_source[z]
         if x is None or x is z:
+            if kind == "hard":
+                hard.append(n)
             continue
         groups.setdefault((x, kind), []).append(n)
+    if hard:
+        for n in hard:
+            x = _data_input(facts, n.args[0])
+            if x is not None and x is not n.args[0]:
+                groups.setdefault((x, "hard"), []).append(n)
     candidates = []
     for (x, kind), decisions in groups.items():
         sources = list(dict.fromkeys(_source(facts, d.args[0], x) for d in decisions))
         sources = [s for s in sources if facts.affine_source[s] is x]
-        if not sources:
+        if not sources and kind == "soft":
             continue
+        decisions.sort(key=facts.index.__getitem__)
 
         def width(s):
             shape = hint_shape(s)
@@ -115,7 +168,8 @@ def _outputs(facts: GraphFacts, cand: Candidate) -> list[fx.Node]:
     upstream = facts.ancestors(decisions)
     leaf_roots = [u for n in facts.value_descendants([cand.x]) if n not in decision_side and n not in upstream
                   for u in [n] if u.op != "output" and is_float_tensor(u) is not False]
-    leafy = facts.value_descendants(leaf_roots)
+    # a hard tree may compute its leaves only for the chosen leaf (weights gathered by the leaf index)
+    leafy = facts.value_descendants(leaf_roots) if cand.kind == "soft" else facts.value_descendants([cand.x])
     x_shape = hint_shape(cand.x)
     rows = None
     if x_shape:

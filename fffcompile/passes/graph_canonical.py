@@ -28,6 +28,7 @@ SHAPE_ONLY = {
     "sym_size", "size", "dim", "numel", "ones_like", "zeros_like", "empty_like", "full_like", "new_zeros",
     "new_ones", "new_empty", "new_full", "zeros", "ones", "empty", "full", "arange", "scalar_tensor",
     "empty_strided", "sym_numel", "sym_stride", "_assert_tensor_metadata", "rand_like", "randn_like",
+    "getattr",   # fx: x.shape, x.device, x.dtype
 }
 # ops that only move, select, copy or cast elements of their (single) tensor input
 MOVES = {

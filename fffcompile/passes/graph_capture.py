@@ -2,8 +2,8 @@
 
 Order of attempts:
 1. ``torch.export.export(strict=False)`` with every dim of every tensor input marked
-   ``Dim.AUTO`` (so batch and sequence stay symbolic where the model allows), then
-   ``run_decompositions({})``: functionalisation only (in-place ``mul_``/``copy_`` into views
+   ``Dim.AUTO`` (so batch and sequence stay symbolic where the model allows), then, when the
+   graph has in-place or higher-order ops, ``run_decompositions({})``: functionalisation only (in-place ``mul_``/``copy_`` into views
    become functional ops, ``no_grad`` higher-order wrappers are inlined), no op decomposed;
 2. the same export with static shapes;
 3. ``torch.fx.symbolic_trace`` (torch-level graph; for models export cannot follow).
@@ -44,6 +44,37 @@ def _dynamic_shapes(inputs: tuple, kwargs: dict):
     return dims(tuple(inputs))
 
 
+def _mutates(gm: fx.GraphModule) -> bool:
+    """In-place ops or higher-order ops (no_grad blocks) in the graph: functionalise first (costly: a re-trace)."""
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if isinstance(n.target, torch._ops.HigherOrderOperator):
+            return True
+        if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+            return True
+    return False
+
+
+def trace_fx(model: nn.Module, inputs: tuple, kwargs: Optional[dict] = None) -> fx.GraphModule:
+    """torch.fx.symbolic_trace, with every node's example value recorded as meta["val"] (on the meta
+    device: shapes and dtypes only), as torch.export records them. Its shapes are static."""
+    gm = fx.symbolic_trace(model)
+
+    class Shapes(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if isinstance(value, torch.Tensor):
+                n.meta["val"] = value.detach().to("meta")
+            elif isinstance(value, int):
+                n.meta["val"] = value
+            return value
+
+    with torch.no_grad():
+        Shapes(gm).run(*inputs, *(kwargs or {}).values())
+    return gm
+
+
 def capture(model: nn.Module, inputs: tuple, kwargs: Optional[dict] = None) -> Union[Captured, CaptureFailed]:
     kwargs = kwargs or {}
     reasons = []
@@ -56,12 +87,13 @@ def capture(model: nn.Module, inputs: tuple, kwargs: Optional[dict] = None) -> U
                 warnings.simplefilter("ignore")
                 shapes = _dynamic_shapes(inputs, kwargs) if dynamic else None
                 program = torch.export.export(model, tuple(inputs), kwargs, strict=False, dynamic_shapes=shapes)
-                program = program.run_decompositions({})
+                if _mutates(program.graph_module):
+                    program = program.run_decompositions({})
                 return Captured(program.module(), how)
         except Exception as error:   # third-party models fail export in many ways; each is a reason
             reasons.append(f"{how}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
     try:
-        return Captured(fx.symbolic_trace(model), "fx.symbolic_trace")
+        return Captured(trace_fx(model, inputs, kwargs), "fx.symbolic_trace")
     except Exception as error:
         reasons.append(f"fx.symbolic_trace: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
     return CaptureFailed("; ".join(reasons))

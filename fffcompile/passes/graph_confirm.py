@@ -11,6 +11,7 @@ A spec that does not reproduce the graph is refused with the comparison as the n
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -72,4 +73,6 @@ def confirm(cand: Candidate, cut: Cutout, spec: FFFSpec, x_rows: torch.Tensor, s
     source = "soft" if harden and not bool(compare(hard_real, soft_real.to(hard_real.dtype))) else "hard"
     spec = spec.replace(source=source)
     fidelity = measure_fidelity(spec, real, soft_real.to(hard_real.dtype), hard_real)
+    if not harden:      # the graph descends already: there is no soft mixture to agree with
+        fidelity = dataclasses.replace(fidelity, leaf_agreement=1.0, chosen_leaf_weight=1.0)
     return GraphConfirmed(spec, result, fidelity)

@@ -25,7 +25,7 @@ import sympy
 import torch
 from torch import fx
 
-from .graph_canonical import GraphFacts, meta_val
+from .graph_canonical import GraphFacts, hint_shape, meta_val
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -67,12 +67,32 @@ def _execute(gm: fx.GraphModule, n: fx.Node, lookup: Callable, double: bool = Fa
     if double and kwargs.get("dtype") in _FLOATS:
         kwargs = {**kwargs, "dtype": torch.float64}
     if n.op == "call_function":
+        if n.target is torch.ops.aten.dropout.default:
+            return args[0]       # training-only noise: the hardened (inference) form has none
+        if n.target is torch.ops.aten.native_dropout.default:
+            return args[0], torch.ones_like(args[0], dtype=torch.bool)
+        if n.target is torch.ops.aten.copy.default and not kwargs:
+            # functional copy(self, src): src broadcast to self's shape and dtype. The kernel clones self
+            # with its strides first, which for a view of a large buffer allocates the whole buffer.
+            self_, src = args[0], args[1]
+            return src.to(dtype=self_.dtype, device=self_.device).expand(self_.shape).contiguous()
         return n.target(*args, **kwargs)
     if n.op == "call_method":
         return getattr(args[0], n.target)(*args[1:], **kwargs)
     if n.op == "call_module":
-        return gm.get_submodule(n.target)(*args, **kwargs)
+        module = gm.get_submodule(n.target)
+        if double:
+            state = {k: v.double() if v.dtype in _FLOATS else v for k, v in module.state_dict(keep_vars=True).items()}
+            return torch.func.functional_call(module, state, tuple(args), kwargs)
+        return module(*args, **kwargs)
     raise NotAFunctionOfX(f"cannot evaluate a {n.op} node on its own")
+
+
+def _full_range(n: fx.Node, first: int) -> bool:
+    """slice(t, dim, start, end, step) / slice_scatter(t, src, dim, ...) over the whole dim."""
+    args = list(n.args) + [None] * 6
+    start, end, step = args[first + 1], args[first + 2], args[first + 3]
+    return start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2 ** 31)) and step in (None, 1)
 
 
 def hard_step(z: torch.Tensor, tie: str) -> torch.Tensor:
@@ -117,10 +137,42 @@ class Cutout:
         self.nodes = sorted((n for n in needed if n in from_x and n is not x), key=facts.index.__getitem__)
         x_val = meta_val(x)
         self.x_shape = tuple(x_val.shape) if isinstance(x_val, torch.Tensor) else None
+        # functionalised in-place writes (out[:, i].copy_(v) -> slice_scatter(T, select_scatter(slice(T), ...)))
+        # cost a full copy per write; full-range slices and slice_scatters are read as aliases so that
+        # the select_scatter can be done in place when nothing else still reads its base (linear time)
+        self.alias = {}
+        for n in self.nodes:
+            name = facts.name[n]
+            if name in ("slice", "slice_scatter") and n.op == "call_function" and _full_range(n, 2 if name == "slice_scatter" else 1):
+                target = n.args[1] if name == "slice_scatter" else n.args[0]
+                if isinstance(target, fx.Node) and hint_shape(target) == hint_shape(n) and hint_shape(n) is not None:
+                    self.alias[n] = target
+        self.inputs = {n: [self.alias[n]] if n in self.alias else n.all_input_nodes for n in self.nodes}
         self.last_use = {}
         for i, n in enumerate(self.nodes):
-            for a in n.all_input_nodes:
+            for a in self.inputs[n]:
                 self.last_use[a] = i
+
+    def _reinplaceable(self, n, i, env, protected) -> bool:
+        """select_scatter(base, src, dim, index) may write into base: this is base's last reader, base's
+        storage is not the input's, an override's or a constant's, and no value still live shares it."""
+        base_node = n.args[0]
+        if len(n.args) < 4 or not isinstance(base_node, fx.Node) or base_node not in env \
+                or self.last_use.get(base_node) != i:
+            return False
+        base = env[base_node]
+        if not isinstance(base, torch.Tensor):
+            return False
+        ptr = base.untyped_storage().data_ptr()
+        if ptr in protected:
+            return False
+        for k, v in env.items():
+            if k is base_node or not isinstance(v, torch.Tensor) or v.untyped_storage().data_ptr() != ptr:
+                continue
+            if k in self.inputs[n] and self.last_use.get(k) == i and k is not self.x:
+                continue          # dies here
+            return False
+        return True
 
     # ------------------------------------------------------------------ shapes
     def probe_shape(self, rows: int) -> tuple[int, ...]:
@@ -173,6 +225,9 @@ class Cutout:
                 return env[a]
             return constants.get(a, double_mode)
 
+        protected = {t.untyped_storage().data_ptr() for t in [x, *overrides.values()] if isinstance(t, torch.Tensor)}
+        protected |= {v.untyped_storage().data_ptr() for v in (constants.get(c, double) for c in self.constant_nodes)
+                      if isinstance(v, torch.Tensor)}
         saved = torch.get_default_dtype()
         if double:
             torch.set_default_dtype(torch.float64)
@@ -183,6 +238,12 @@ class Cutout:
                         break
                     if n in overrides:
                         env[n] = overrides[n]
+                    elif n in self.alias:
+                        env[n] = lookup(self.alias[n])
+                    elif self.facts.name[n] == "select_scatter" and self._reinplaceable(n, i, env, protected):
+                        base = env[n.args[0]]
+                        base.select(n.args[2], n.args[3]).copy_(lookup(n.args[1]))
+                        env[n] = base
                     elif n in harden:
                         z = lookup(n.args[0])
                         step = hard_step(z, harden[n])
@@ -190,7 +251,7 @@ class Cutout:
                     else:
                         env[n] = _execute(self.facts.gm, n, lookup, double)
                     pending.discard(n)
-                    for a in n.all_input_nodes:
+                    for a in self.inputs[n]:
                         if self.last_use.get(a) == i and a is not self.x and a not in self.sizes and a in env \
                                 and a not in keep:
                             del env[a]

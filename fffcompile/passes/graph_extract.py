@@ -57,17 +57,26 @@ def _affine(cut: Cutout, nodes: list[fx.Node], d_in: int, seed: int) -> Union[tu
     return W, b
 
 
-def activation_nodes(facts: GraphFacts, cand: Candidate, cut: Cutout) -> Union[tuple, str]:
-    """(act name, nodes whose outputs are the hidden activations) on the leaf side of the cut-out."""
+def activation_nodes(facts: GraphFacts, cand: Candidate, cut: Cutout, per_leaf: bool = False) -> Union[tuple, str]:
+    """(act name, pre-activation nodes, activation output nodes) on the leaf side of the cut-out.
+
+    per_leaf: a hard tree's leaves may be computed for the chosen leaf only (weights gathered by
+    the leaf index): then any activation after the decisions counts, affine in x or not."""
     decisions = set(cand.decisions)
     decision_side = facts.value_descendants(decisions)
+    upstream = facts.ancestors(decisions)
     found = []
     for n in cut.nodes:
         name = facts.name[n]
-        if name not in _ACTS or n in decision_side or n in decisions:
+        if name not in _ACTS or n in decisions:
             continue
         arg = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        if arg is None or facts.affine_source.get(arg) is not cand.x:
+        if arg is None:
+            continue
+        if per_leaf:
+            if n in upstream or not facts.depends.get(arg):
+                continue
+        elif n in decision_side or facts.affine_source.get(arg) is not cand.x:
             continue
         act = _ACTS[name]
         if act == "gelu" and n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none") == "tanh":
@@ -261,3 +270,110 @@ def extract_neuron_tree(facts: GraphFacts, cand: Candidate, cut: Cutout, d_in: i
         except InvalidSpecError:
             continue
     return specs or f"{K} neurons do not make P trees of 2^(D+1) - 1 nodes"
+
+
+def _path_bits(target: int, length: int) -> list[int]:
+    """The right/left bits (1 = right) of the path to position ``target`` of level ``length``, root first."""
+    return [(target >> (length - 1 - e)) & 1 for e in range(length)]
+
+
+def extract_hard_leaf_mlp(facts: GraphFacts, cand: Candidate, cut: Cutout, d_in: int, seed: int = 0) -> Union[FFFSpec, str]:
+    """A form A tree that already descends (comparisons, index recurrence, gathered weights).
+
+    Every decision's output is overridden per row with the bits of a chosen path (per-level
+    decisions: one bit per level; one decision over all nodes: each node the bit of its level),
+    so that the graph's own index arithmetic reaches the chosen node or leaf. Then the logit
+    of node n is read off at x = 0, e_i with the path to n forced; leaf j's pre-activations and,
+    with the activations overridden by 0 and e_c, its output rows, with the path to j forced.
+    """
+    decisions = cand.decisions
+    feats = [cut.features(d) for d in decisions]
+    if any(f is None for f in feats):
+        return "a decision is not laid out by the input's rows"
+    counts = [math.prod(f) for f in feats]
+    if all(c == 1 for c in counts):
+        depth, dense = len(decisions), False
+    elif len(decisions) == 1 and is_power_of_two(counts[0] + 1):
+        depth, dense = (counts[0] + 1).bit_length() - 1, True
+    else:
+        return f"decisions of widths {counts}: neither one per level nor one over 2^D - 1 nodes"
+    thresholds = {float(d.args[1]) for d in decisions}
+    ties = {facts.name[d] for d in decisions}
+    if len(thresholds) != 1 or len(ties) != 1:
+        return "the decisions use different comparisons"
+    threshold, tie = thresholds.pop(), ties.pop()
+    L, N = 2 ** depth, 2 ** depth - 1
+    node_level = torch.tensor([(k + 1).bit_length() - 1 for k in range(N)])
+
+    def forced(bits_rows: torch.Tensor) -> dict:
+        """Overrides for rows whose per-level bits are bits_rows (R, depth)."""
+        if dense:
+            values = bits_rows[:, node_level] if N else bits_rows[:, :0]
+            return {decisions[0]: values.bool()}
+        return {d: bits_rows[:, level:level + 1].bool() for level, d in enumerate(decisions)}
+
+    B = _basis(d_in)
+    k = d_in + 1
+    # node logits
+    if dense:
+        affine = _affine(cut, [decisions[0].args[0]], d_in, seed)
+        if affine is None:
+            return "the node logits are not an affine function of the input"
+        W, b = affine
+    else:
+        bits, blocks = [], []
+        for n in range(N):
+            level = node_level[n].item()
+            path = _path_bits(n - (2 ** level - 1), level) + [0] * (depth - level)
+            bits.append(torch.tensor(path, dtype=torch.float64).expand(k, depth))
+            blocks.append(level)
+        rows = B.repeat(N, 1)
+        values = cut.run_rows(rows, overrides=forced(torch.cat(bits)), want=[d.args[0] for d in decisions], double=True)
+        W = torch.empty(N, d_in, dtype=torch.float64)
+        b = torch.empty(N, dtype=torch.float64)
+        for n, level in enumerate(blocks):
+            z = values[level][n * k:(n + 1) * k, 0].double()
+            b[n], W[n] = z[0], z[1:] - z[0]
+    b = b - threshold
+    leaf_bits = torch.tensor([_path_bits(j, depth) for j in range(L)], dtype=torch.float64).reshape(L, depth)
+    acts = activation_nodes(facts, cand, cut, per_leaf=True)
+    if isinstance(acts, str):
+        return acts
+    act, act_in, act_out = acts
+    per_leaf_x = leaf_bits.repeat_interleave(k, 0)
+    if not act_in:
+        Y = cut.run_rows(B.repeat(L, 1), overrides=forced(per_leaf_x), double=True).double().reshape(L, k, -1)
+        spec_args = dict(leaf_w1=Y[:, 1:] - Y[:, :1], leaf_b1=Y[:, 0], leaf_w2=None, leaf_b2=None, activation="identity")
+    else:
+        C = _feature_count(cut, act_in)
+        if isinstance(C, str):
+            return C
+        if L * (C + 1) > 200_000:
+            return f"{L} leaves with {C} hidden units each are too many to read off one by one"
+        pre = cut.run_rows(B.repeat(L, 1), overrides=forced(per_leaf_x), want=act_in, double=True)
+        A = torch.cat([v.double() for v in pre], 1).reshape(L, k, C)
+        eye = torch.cat([torch.zeros(1, C, dtype=torch.float64), torch.eye(C, dtype=torch.float64)])
+        H = eye.repeat(L, 1)
+        Y = cut.run_rows(torch.zeros(L * (C + 1), d_in, dtype=torch.float64),
+                         overrides={**forced(leaf_bits.repeat_interleave(C + 1, 0)), **_split(cut, act_out, H)},
+                         double=True).double().reshape(L, C + 1, -1)
+        M = Y[:, 1:] - Y[:, :1]                                                 # (L, C, d_out)
+        norms = (M * M).sum(-1)
+        alive = norms > 1e-24 * float(norms.max().clamp_min(1e-300))
+        if bool(alive.all()):
+            index = torch.arange(C).expand(L, C)                               # each row computes its own leaf
+        else:
+            if C % L:
+                return f"{C} hidden units do not split over {L} leaves"
+            index = norms.topk(C // L, dim=1).indices.sort(1).values           # leaf j's own units
+        width = index.shape[1]
+        index = index.contiguous()
+        W1 = (A[:, 1:, :] - A[:, :1, :]).gather(2, index.unsqueeze(1).expand(L, d_in, width))
+        b1 = A[:, 0, :].gather(1, index)
+        W2 = M.gather(1, index.unsqueeze(2).expand(L, width, M.shape[2]))
+        spec_args = dict(leaf_w1=W1.reshape(L, d_in, width), leaf_b1=b1, leaf_w2=W2, leaf_b2=Y[:, 0], activation=act)
+    try:
+        return FFFSpec("leaf_mlp", depth, node_weight=W, node_bias=b, tie="ge" if tie == "ge" else "gt",
+                       source="hard", **spec_args)
+    except InvalidSpecError as error:
+        return f"the extracted weights do not make a valid spec ({error})"

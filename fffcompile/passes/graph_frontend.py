@@ -31,7 +31,7 @@ from .graph_canonical import GraphFacts
 from .graph_capture import CaptureFailed, capture
 from .graph_confirm import GraphConfirmed, GraphRefused, confirm
 from .graph_cutout import ConstantCache, Cutout, NotAFunctionOfX
-from .graph_extract import extract_leaf_mlp, extract_neuron_tree
+from .graph_extract import extract_hard_leaf_mlp, extract_leaf_mlp, extract_neuron_tree
 from .graph_rewrite import hardened_original, rewrite
 
 HARDENED_ATTRIBUTE = "_fffcompile_graph_hardened"
@@ -98,7 +98,11 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
                 specs = extract_leaf_mlp(facts, cand, cut, d_in, seed)
                 specs = [specs] if not isinstance(specs, str) else specs
             else:
-                specs = extract_neuron_tree(facts, cand, cut, d_in, seed)
+                specs = extract_neuron_tree(facts, cand, cut, d_in, seed) if cand.sources else "no dense neuron logits"
+                if isinstance(specs, str):
+                    hard_a = extract_hard_leaf_mlp(facts, cand, cut, d_in, seed)
+                    specs = [hard_a] if not isinstance(hard_a, str) else \
+                        f"as a neuron tree: {specs}; as a descending form A tree: {hard_a}"
         except Exception as error:  # a third-party graph op the extractor cannot evaluate on probe rows
             specs = f"extraction failed at {y.name} ({type(error).__name__}: {error})"
         if isinstance(specs, str):
@@ -164,8 +168,11 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
     gm = captured.module
     facts, outcomes = analyse(gm, inputs, example_kwargs or {}, seed)
     confirmed = []
+    taken: set = set()
     for cand, cut, y, outcome in outcomes:
         where = cand.where
+        if isinstance(outcome, GraphConfirmed) and taken.intersection(cut.nodes):
+            outcome = GraphRefused("its subgraph overlaps another confirmed FFF's; only the first is rewritten")
         if not isinstance(outcome, GraphConfirmed):
             report.left.append(Left(where, f"graph: {outcome.reason}", outcome.near_miss, frontend="fx"))
             continue
@@ -175,6 +182,7 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
                                            f"min_leaf_agreement={min_leaf_agreement:.1%}; kept soft", frontend="fx"))
             continue
         confirmed.append((cand, cut, y, spec, where))
+        taken.update(cut.nodes)
         report.rewritten.append(Rewritten(
             where=where, form=spec.form_letter, depth=spec.depth, trees=spec.trees, d_in=spec.d_in, d_out=spec.d_out,
             source=spec.source, frontend="fx", exactness=outcome.exactness, fidelity=fidelity,

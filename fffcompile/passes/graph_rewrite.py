@@ -7,9 +7,12 @@ else in the graph is touched: every other node is the same op on the same argume
 runs, has torch.ops.fffcompile.* inside when exported again, and keeps the capture's dynamic dims.
 
 ``hardened_original`` is a second copy of the captured graph in which the decisions of the
-rewritten candidates are hardened (s(z) -> [z >= 0]): the whole-model exactness oracle.
+rewritten candidates are hardened (s(z) -> [z >= 0]) and their training-only dropout removed:
+the whole-model exactness oracle.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import fx
@@ -89,7 +92,21 @@ def _module(gm: fx.GraphModule, graph: fx.Graph, extra: dict) -> fx.GraphModule:
 def hardened_original(gm: fx.GraphModule, confirmed: list) -> fx.GraphModule:
     graph, mapping = _copy(gm)
     from .graph_canonical import op_name
-    for cand, *_ in confirmed:
+    for cand, cut, *_ in confirmed:
+        for old in cut.nodes:          # training-only dropout inside the tree: the hardened form has none
+            node = mapping.get(old)
+            if node is None:
+                continue
+            if old.target is torch.ops.aten.dropout.default:
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+            elif old.target is torch.ops.aten.native_dropout.default:
+                for user in list(node.users):
+                    if user.target is operator.getitem and user.args[1] == 0:
+                        user.replace_all_uses_with(node.args[0])
+                        graph.erase_node(user)
+                if not node.users:
+                    graph.erase_node(node)
         if cand.kind != "soft":
             continue
         for d in cand.decisions:

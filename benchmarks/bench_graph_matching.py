@@ -1,0 +1,66 @@
+"""Graph frontend timing by depth on the unrolled (fastfeedforward-style) soft form A graph.
+
+For each depth: torch.export capture (torch's own cost), then the frontend's stages: per-node
+facts, anchoring, cut-out + numeric extraction + confirmation, and the rewrite. Matching is
+meant to be linear in the graph size. Noisy on a shared machine; one run per depth.
+
+    PYTHONPATH=. python benchmarks/bench_graph_matching.py --depths 4 6 8 10 11 --d 8 --leaf-width 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from graph_gallery import Unrolled  # noqa: E402
+from specs import make_spec  # noqa: E402
+
+from fffcompile.passes.graph_anchor import find_candidates  # noqa: E402
+from fffcompile.passes.graph_canonical import GraphFacts  # noqa: E402
+from fffcompile.passes.graph_capture import capture  # noqa: E402
+from fffcompile.passes.graph_confirm import GraphConfirmed  # noqa: E402
+from fffcompile.passes.graph_cutout import ConstantCache  # noqa: E402
+from fffcompile.passes.graph_frontend import _decide, _record  # noqa: E402
+from fffcompile.passes.graph_rewrite import rewrite  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 6, 8, 10])
+    parser.add_argument("--d", type=int, default=8)
+    parser.add_argument("--leaf-width", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"{'depth':>5} {'nodes':>7} {'capture s':>9} {'facts s':>8} {'anchor s':>8} {'extract+confirm s':>17} "
+          f"{'rewrite s':>9} {'match total s':>13}  found")
+    for depth in args.depths:
+        spec = make_spec(depth=depth, d_in=args.d, d_out=args.d, leaf_width=args.leaf_width, seed=depth)
+        layer = Unrolled(spec).eval()
+        x = torch.randn(args.batch, args.d)
+        t0 = time.perf_counter()
+        gm = capture(layer, (x,)).module
+        t1 = time.perf_counter()
+        facts = GraphFacts(gm)
+        t2 = time.perf_counter()
+        cands = find_candidates(facts)
+        t3 = time.perf_counter()
+        values = _record(gm, (x,), {}, [c.x for c in cands])
+        outcomes = [_decide(facts, ConstantCache(facts), c, values.get(c.x), 0) for c in cands]
+        t4 = time.perf_counter()
+        confirmed = [(c, cut, y, o.spec, c.where) for c, cut, y, o in outcomes if isinstance(o, GraphConfirmed)]
+        if confirmed:
+            rewrite(gm, confirmed)
+        t5 = time.perf_counter()
+        ok = bool(confirmed) and confirmed[0][3].same_as(spec.replace(source=confirmed[0][3].source), atol=2e-5, rtol=2e-4)
+        print(f"{depth:>5} {len(facts.nodes):>7} {t1 - t0:>9.2f} {t2 - t1:>8.2f} {t3 - t2:>8.2f} {t4 - t3:>17.2f} "
+              f"{t5 - t4:>9.2f} {t5 - t1:>13.2f}  {'exact spec' if ok else 'NOT FOUND'}")
+
+
+if __name__ == "__main__":
+    main()
