@@ -9,8 +9,8 @@
   the constant 0 (``Greater(a, 0)``, ``GreaterOrEqual(a, 0)``, or ``Less``/``LessOrEqual`` with
   the operands swapped) whose ``a`` also feeds other ops (the activation); one candidate each.
 
-Sigmoids of constants (form C's blend ``s(k)``) and sigmoids whose input is also read by other
-ops (an activation such as SiLU, ``a * s(a)``) are no anchors. Nothing is rewritten on the
+Sigmoids of constants (form C's blend ``s(k)``) and sigmoids whose output is read together with
+their input by one op (an activation such as SiLU, ``a * s(a)``) are no anchors. Nothing is rewritten on the
 strength of an anchor: ``region`` finds the subgraph, ``extract`` the spec, ``confirm`` the
 numbers.
 """
@@ -55,9 +55,8 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
         if node.op_type == "Sigmoid":
             if node.input[0] in static:
                 continue
-            readers = index.consumer_nodes(node.input[0])
-            if any(r.op_type not in ("Sigmoid", "Shape", "Size") for r in readers):
-                continue      # an activation such as SiLU, a * s(a): the logit is read by more than sigmoids
+            if any(node.output[0] in r.input for r in index.consumer_nodes(node.input[0])):
+                continue      # an activation such as SiLU, a * s(a): one op reads both the logit and its sigmoid
             x = trace_source(index, node.input[0], static)
             if x is not None:
                 sigmoid_groups.setdefault(x, []).append(i)
