@@ -81,7 +81,7 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
         if previous is not None:
             specs, sigmoids = [previous.spec], previous.sigmoids
         elif candidate.form == "A":
-            specs = [extract_leaf_tree(index, region, candidate.anchors)]
+            specs = extract_leaf_tree(index, region, candidate.anchors)
             sigmoids = [index.nodes[i].name for i in candidate.anchors]
         else:
             specs = extract_neuron_tree(index, region, candidate.anchors[0], candidate.tie)
