@@ -197,7 +197,7 @@ def _frontier(index: GraphIndex, region: Region, p_names: list[str], h_names: li
     dep_p, dep_h = set(p_names), set(h_names)
     for i in sorted(region.nodes):
         node = index.nodes[i]
-        ins = node_inputs(node)
+        ins = index.inputs_of[i]
         outs = [o for o in node.output if o]
         if any(n in dep_p for n in ins):
             dep_p.update(outs)

@@ -87,9 +87,11 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
             specs = extract_neuron_tree(index, region, candidate.anchors[0], candidate.tie)
             sigmoids = []
         for spec in specs:
-            comparison, why = confirm(index, region, spec, sigmoids)
-            if not why:
-                return Found(candidate, region, spec, comparison, sigmoids), []
+            # the largest layout-only extension first (restoring the input's leading dims): one check, not two
+            for target in _layout_extensions(index, region, candidate.form)[::-1] + [region]:
+                comparison, why = confirm(index, target, spec, sigmoids)
+                if not why:
+                    return Found(candidate, target, spec, comparison, sigmoids), []
             reasons.append(why)
     except (NotExtracted, InvalidModelError) as error:
         reasons.append(f"at {region.y!r}: {error}")
@@ -103,6 +105,26 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
 _LAYOUT_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Gather", "Slice", "Concat",
                "Constant", "Cast")
 _PROJECTION_OPS = ("MatMul", "Gemm", "Einsum", "Add")
+
+
+def _layout_extensions(index: GraphIndex, region: Region, form: str, limit: int = 4) -> list[Region]:
+    """Closed regions that continue ``region`` through a chain of single-reader layout ops, nearest first."""
+    from .region import _first_closed, layout_ancestors
+    out, current = [], region
+    entries = [(a, None) for a in layout_ancestors(index, region.x)][::-1] + [(region.x, index.forward_from(region.x))]
+    while len(out) < limit:
+        readers = index.consumers.get(current.y, [])
+        if len(readers) != 1 or current.y in index.graph_outputs:
+            break
+        node = index.nodes[readers[0]]
+        if node.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity") or not node.output:
+            break
+        larger, _ = _first_closed(index, entries, node.output[0])
+        if larger is None or not _extends(index, current, larger, form):
+            break
+        out.append(larger)
+        current = larger
+    return out
 
 
 def _extends(index: GraphIndex, smaller: Region, larger: Region, form: str) -> bool:
@@ -150,6 +172,8 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
             if region.x_nodes & taken:
                 reasons.append(f"{region.y!r} overlaps an FFF already found")
                 continue
+            if result is not None and region.y in {o for i in result.region.x_nodes for o in index.nodes[i].output}:
+                continue        # already inside the confirmed region (a layout extension taken at once)
             if result is not None and not _extends(index, result.region, region, candidate.form):
                 break
             layout_only = result is not None and _extends(index, result.region, region, "A")
@@ -181,18 +205,18 @@ def rewrite(model: onnx.ModelProto, index: GraphIndex, found: list[Found], targe
         removed |= f.region.x_nodes
     # constant nodes of the regions go when nothing else reads them any more
     candidates = set().union(*(f.region.nodes - f.region.x_nodes for f in found)) if found else set()
-    kept = [i for i in range(len(index.nodes)) if i not in removed]
+    kept = set(range(len(index.nodes))) - removed
     changed = True
     while changed:
         changed = False
-        read = {name for i in kept for name in _inputs(index.nodes[i])} | index.graph_outputs
+        read = {name for i in kept for name in index.inputs_of[i]} | index.graph_outputs
         for i in list(candidates):
             if i in kept and not any(o in read for o in index.nodes[i].output if o):
-                kept.remove(i)
+                kept.discard(i)
                 candidates.discard(i)
                 removed.add(i)
                 changed = True
-    removed_inputs = {name for i in removed for name in _inputs(index.nodes[i])}
+    removed_inputs = {name for i in removed for name in index.inputs_of[i]}
     names = {n.name for n in graph.node} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     fff_nodes = []
     for k, f in enumerate(found):
@@ -201,7 +225,7 @@ def rewrite(model: onnx.ModelProto, index: GraphIndex, found: list[Found], targe
             name += "_"
         names.add(name)
         fff_nodes.append(fff_node(f.spec, f.region.x, f.region.y, target=target, name=name))
-    new_nodes = [index.nodes[i] for i in kept]
+    new_nodes = [index.nodes[i] for i in sorted(kept)]
     del graph.node[:]
     graph.node.extend(new_nodes)
     read = {name for n in graph.node for name in _inputs(n)} | {o.name for o in graph.output}
