@@ -62,6 +62,30 @@ class UnrolledFFF(nn.Module):
         return (out * mixture.unsqueeze(-1)).sum(1)
 
 
+class LinearLeafTree(nn.Module):
+    """A soft tree whose leaves are single linear layers: y = sum_j mu_j(x) (x W_j + b_j) (LeafLinearTree)."""
+
+    def __init__(self, d_in, d_out, depth):
+        super().__init__()
+        self.depth = depth
+        self.nodes = nn.Linear(d_in, 2 ** depth - 1)
+        self.w = nn.Parameter(torch.randn(2 ** depth, d_in, d_out) / math.sqrt(d_in))
+        self.b = nn.Parameter(torch.randn(2 ** depth, d_out) * 0.1)
+
+    def forward(self, x):
+        p = torch.sigmoid(self.nodes(x))
+        mu = torch.ones_like(p[:, :1])
+        for level in range(self.depth):
+            pl = p[:, 2 ** level - 1: 2 ** (level + 1) - 1]
+            mu = torch.stack((mu * (1 - pl), mu * pl), -1).flatten(1)
+        return torch.einsum("bl,blo->bo", mu, torch.einsum("bd,ldo->blo", x, self.w) + self.b)
+
+
+def _spec_linear_leaves(m: LinearLeafTree) -> FFFSpec:
+    return FFFSpec(form="leaf_mlp", depth=m.depth, activation="identity", node_weight=m.nodes.weight.detach(),
+                   node_bias=m.nodes.bias.detach(), leaf_w1=m.w.detach(), leaf_b1=m.b.detach(), tie="ge")
+
+
 class GLU(nn.Module):
     """A gated linear unit: y = (x A + a) * s(x B + b), then a projection (a sigmoid of a projection, no tree)."""
 
@@ -116,6 +140,7 @@ CASES: dict[str, Case] = {
     "unrolled": Case(lambda: UnrolledFFF(10, 3, 6, 3), (4, 10), 1, _spec_unrolled),
     "ultrafastbert": Case(lambda: UltraFastBERTFFF(12, 10, 3, 2), (2, 5, 12), 1, _spec_ufb),
     "neuron_tree": Case(lambda: NeuronTree(9, 5, 2, trees=3), (4, 9), 1, _spec_neuron_tree),
+    "linear_leaves": Case(lambda: LinearLeafTree(7, 4, 3), (4, 7), 1, _spec_linear_leaves),
     "module_list": Case(lambda: ModuleListTree(8, 5, depth=2), (4, 8), 1),
     "soft_tree": Case(lambda: SoftTreeMixture(8, depth=3), (4, 8), 1),
     # the legacy exporter bakes attention's shapes in: a transformer only by the dynamo exporter

@@ -58,8 +58,8 @@ def spec_of_node(model: onnx.ModelProto, node: onnx.NodeProto) -> FFFSpec:
 def hard_reference(name: str, x: torch.Tensor):
     """The layer's hard output computed without ONNX: its own eval forward, or reference.hard of its true spec."""
     module, _ = F.case(name)
-    if name == "unrolled":
-        return reference.hard(F._spec_unrolled(module), x)
+    if name in ("unrolled", "linear_leaves"):
+        return reference.hard(F.CASES[name].true_spec(module), x)
     if name == "soft_tree":
         return None
     with torch.no_grad():

@@ -142,6 +142,9 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
         return feeds
 
     frontier = _frontier(index, region, p_names, h_names)
+    if not frontier and activation == "identity":
+        # the mixture reads the leaf projections themselves: single linear leaves, y = x W1_j + b1_j
+        yield spec(np.broadcast_to(np.eye(width), (leaves, width, width)), np.zeros((leaves, width)))
     if frontier:
         # (a) all leaves at once: h = 0 and h = e_k in every leaf's block; the leaves' outputs are read before
         # the mixture (one (rows, L, d_out) tensor, or one (rows, d_out) tensor per leaf in leaf order)
