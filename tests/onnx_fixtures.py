@@ -109,6 +109,17 @@ def _spec_unrolled(m: UnrolledFFF) -> FFFSpec:
                    leaf_w2=m.w2s.detach(), leaf_b2=m.b2s.detach(), tie="ge")
 
 
+def _fastfeedforward(d_in, leaf, d_out, depth):
+    from fastfeedforward import FFF as ShippedFFF
+    return ShippedFFF(d_in, leaf, d_out, depth)
+
+
+def _spec_fastfeedforward(m) -> FFFSpec:
+    return FFFSpec(form="leaf_mlp", depth=int(m.depth.item()), activation="relu", node_weight=m.node_weights.detach(),
+                   node_bias=m.node_biases.detach()[:, 0], leaf_w1=m.w1s.detach(), leaf_b1=m.b1s.detach(),
+                   leaf_w2=m.w2s.detach(), leaf_b2=m.b2s.detach(), tie="ge")
+
+
 def _spec_ufb(m: UltraFastBERTFFF) -> FFFSpec:
     P, n, d = m.parallel_size, m.n_nodes, m.input_width
     return FFFSpec(form="neuron_tree", depth=m.depth, activation="gelu",
@@ -137,6 +148,9 @@ CASES: dict[str, Case] = {
     "fff": Case(lambda: FFF(12, 7, 3, 5, activation="gelu"), (4, 12), 1, _spec_fff),
     "fff_seq": Case(lambda: FFF(8, 6, 2, 4), (2, 5, 8), 1, _spec_fff),
     "fff_master": Case(lambda: FFF(10, 6, 3, 4, master_width=8), (4, 10), 1),
+    # the shipped package: its int64 ``depth`` Parameter defeats the dynamo exporter (CAPTURE.md)
+    "fastfeedforward": Case(lambda: _fastfeedforward(10, 3, 6, 3), (4, 10), 1, _spec_fastfeedforward,
+                            exporters=("legacy",)),
     "unrolled": Case(lambda: UnrolledFFF(10, 3, 6, 3), (4, 10), 1, _spec_unrolled),
     "ultrafastbert": Case(lambda: UltraFastBERTFFF(12, 10, 3, 2), (2, 5, 12), 1, _spec_ufb),
     "neuron_tree": Case(lambda: NeuronTree(9, 5, 2, trees=3), (4, 9), 1, _spec_neuron_tree),
