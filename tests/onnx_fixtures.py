@@ -78,7 +78,26 @@ class LinearLeafTree(nn.Module):
         for level in range(self.depth):
             pl = p[:, 2 ** level - 1: 2 ** (level + 1) - 1]
             mu = torch.stack((mu * (1 - pl), mu * pl), -1).flatten(1)
-        return torch.einsum("bl,blo->bo", mu, torch.einsum("bd,ldo->blo", x, self.w) + self.b)
+        y = torch.einsum("bl,blo->bo", mu, torch.einsum("bd,ldo->blo", x, self.w) + self.b)
+        return y + p.mean(-1, keepdim=True) if getattr(self, "leak_router", False) else y
+
+
+class SharedProducer(LinearLeafTree):
+    """A look-alike: the router probabilities are also read outside the tree (y + mean(p)); no rewrite may
+    remove them."""
+
+    leak_router = True
+
+
+class SharedInput(nn.Module):
+    """An FFF whose input also feeds a parallel linear branch: the FFF is rewritten, the branch stays."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fff, self.skip = FFF(d, d, 2, 3), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fff(x) + self.skip(x)
 
 
 def _spec_linear_leaves(m: LinearLeafTree) -> FFFSpec:
@@ -162,7 +181,9 @@ CASES: dict[str, Case] = {
                         exporters=("dynamo",)),
     "stack": Case(lambda: nn.Sequential(nn.Linear(8, 8), FFF(8, 8, 2, 4), nn.LayerNorm(8), UltraFastBERTFFF(8, 8, 2, 2),
                                         nn.GELU(), FFF(8, 3, 3, 2, activation="silu")), (2, 5, 8), 3),
+    "shared_input": Case(lambda: SharedInput(6), (4, 6), 1),
     # look-alikes: nothing to rewrite
+    "shared_producer": Case(lambda: SharedProducer(7, 4, 3), (4, 7), 0),
     "softmax_moe": Case(lambda: SoftTreeMixture(8, kind="softmax_moe"), (4, 8), 0),
     "not_a_tree": Case(lambda: SoftTreeMixture(8, kind="not_a_tree"), (4, 8), 0),
     "swapped_children": Case(lambda: SoftTreeMixture(8, kind="swapped_children"), (4, 8), 0),
