@@ -105,6 +105,27 @@ def _spec_linear_leaves(m: LinearLeafTree) -> FFFSpec:
                    node_bias=m.nodes.bias.detach(), leaf_w1=m.w.detach(), leaf_b1=m.b.detach(), tie="ge")
 
 
+class HardTree(nn.Module):
+    """A leaf-MLP tree written as its hard descent with gathers (as an inference-only port would be):
+    every node's logit, the current node's picked per level, >= 0, index arithmetic, the leaf's
+    weights gathered from stacked tables."""
+
+    def __init__(self, d_in, d_out, depth, width, activation="gelu"):
+        super().__init__()
+        self.fff = FFF(d_in, d_out, depth, width, activation=activation)
+
+    def forward(self, x):
+        f = self.fff
+        z = x @ f.node_weight.T + f.node_bias
+        node = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        for _ in range(f.depth):
+            node = 2 * node + 1 + (z.gather(1, node) >= 0).long()
+        leaf = node[:, 0] - (2 ** f.depth - 1)
+        h = torch.einsum("bd,bdh->bh", x, f.leaf_w1[leaf]) + f.leaf_b1[leaf]
+        h = torch.nn.functional.gelu(h) if f.activation == "gelu" else torch.relu(h)
+        return torch.einsum("bh,bho->bo", h, f.leaf_w2[leaf]) + f.leaf_b2[leaf]
+
+
 class GLU(nn.Module):
     """A gated linear unit: y = (x A + a) * s(x B + b), then a projection (a sigmoid of a projection, no tree)."""
 
@@ -173,6 +194,7 @@ CASES: dict[str, Case] = {
     "unrolled": Case(lambda: UnrolledFFF(10, 3, 6, 3), (4, 10), 1, _spec_unrolled),
     "ultrafastbert": Case(lambda: UltraFastBERTFFF(12, 10, 3, 2), (2, 5, 12), 1, _spec_ufb),
     "neuron_tree": Case(lambda: NeuronTree(9, 5, 2, trees=3), (4, 9), 1, _spec_neuron_tree),
+    "hard_tree": Case(lambda: HardTree(9, 5, 3, 4), (4, 9), 1, lambda m: _spec_fff(m.fff)),
     "linear_leaves": Case(lambda: LinearLeafTree(7, 4, 3), (4, 7), 1, _spec_linear_leaves),
     "module_list": Case(lambda: ModuleListTree(8, 5, depth=2), (4, 8), 1),
     "soft_tree": Case(lambda: SoftTreeMixture(8, depth=3), (4, 8), 1),

@@ -58,7 +58,7 @@ def spec_of_node(model: onnx.ModelProto, node: onnx.NodeProto) -> FFFSpec:
 def hard_reference(name: str, x: torch.Tensor):
     """The layer's hard output computed without ONNX: its own eval forward, or reference.hard of its true spec."""
     module, _ = F.case(name)
-    if name in ("unrolled", "linear_leaves", "fastfeedforward"):   # (the package's eval forward omits b2s)
+    if name in ("unrolled", "linear_leaves", "fastfeedforward", "hard_tree"):   # (the package's eval forward omits b2s)
         return reference.hard(F.CASES[name].true_spec(module), x)
     if name == "soft_tree":
         return None

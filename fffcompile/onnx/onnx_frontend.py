@@ -2,7 +2,8 @@
 
     model, report = optimize_onnx(onnx.load("model.onnx"), target="trt")
 
-1. ``detect``: anchors (router sigmoids of one input X; a neuron tree's comparison with 0);
+1. ``detect``: anchors (router sigmoids of one input X; a neuron tree's comparison with 0; the
+   comparisons of a hard descent, ``extract_hard_leaf_tree``);
 2. ``region``: the closed subgraph X -> Y around each candidate, smallest first;
 3. ``extract_leaf_tree`` / ``extract_neuron_tree``: the FFFSpec, weights read back by numbers;
 4. ``confirm``: the cut-out region (sigmoids hardened) against ``reference.hard`` on probes;
@@ -36,6 +37,7 @@ from .confirm import confirm
 from .contract import check_target
 from .detect import Candidate, find_candidates
 from .extract_leaf_tree import NotExtracted, extract_leaf_tree
+from .extract_hard_leaf_tree import extract_hard_leaf_tree
 from .extract_neuron_tree import extract_neuron_tree
 from .graph_index import GraphIndex
 from .linear_chains import chain_ends, projected_tensors, static_tensors
@@ -83,6 +85,9 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
         elif candidate.form == "A":
             specs = extract_leaf_tree(index, region, candidate.anchors)
             sigmoids = [index.nodes[i].name for i in candidate.anchors]
+        elif candidate.form == "H":
+            specs = extract_hard_leaf_tree(index, region, candidate.anchors, candidate.tie)
+            sigmoids = []
         else:
             specs = extract_neuron_tree(index, region, candidate.anchors[0], candidate.tie)
             sigmoids = []
@@ -164,7 +169,8 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
         reasons = []
         result = None
         outputs = [index.nodes[i].output[0] for i in candidate.anchors]
-        for region, why in candidate_regions(index, candidate.x, outputs, other_uses(index, candidate)):
+        uses = other_uses(index, candidate) if candidate.form != "H" else set()
+        for region, why in candidate_regions(index, candidate.x, outputs, uses):
             if region is None:
                 if result is None:
                     reasons.append(why)
