@@ -26,16 +26,15 @@ spec is only a hypothesis until ``confirm`` has run the hardened region against
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from ..errors import InvalidModelError
 from ..spec import FFFSpec
 from .activation_match import elementwise_closure, match_activation
 from .contract import torch_dtype
-from .graph_index import GraphIndex, evaluate, make_session, node_inputs
+from .graph_index import GraphIndex, evaluate, make_session
 from .linear_chains import chain_ends, projected_tensors, static_tensors
 from .probes import columns, feed_shape, shaped, x_layout
 from .region import Region

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from .graph_index import SHAPE_OPS, GraphIndex, node_inputs
+from .graph_index import SHAPE_OPS, GraphIndex
 
 PROJECTIONS = ("MatMul", "Gemm", "Einsum")
 BIAS_OPS = ("Add", "Sub")

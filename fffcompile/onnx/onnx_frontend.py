@@ -305,8 +305,14 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
         from .verify import verify_models
         ties = {name: f.spec.tie for f in found for name in f.sigmoids}
         checks = [(f.spec, f.region.x) for f in found]
-        result = verify_models(original, optimized, sigmoids=ties, inputs=inputs, tie_checks=checks, atol=atol,
-                               rtol=rtol)
+        try:
+            result = verify_models(original, optimized, sigmoids=ties, inputs=inputs, tie_checks=checks, atol=atol,
+                                   rtol=rtol)
+        except InvalidModelError as error:
+            if inputs is not None:
+                raise
+            raise InvalidModelError(f"{error}; the check ran on generated inputs (symbolic dims set to 3): pass real "
+                                    f"inputs (--inputs data.npz) or skip the check (--no-verify)") from error
         report.model_check = {f"exactness {k}": c for k, c in result.exactness.items()}
         report.model_check.update({f"fidelity {k}": c for k, c in (result.fidelity or {}).items()})
         if not result.passed:

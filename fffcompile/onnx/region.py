@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 
-from .graph_index import SHAPE_OPS, GraphIndex, node_inputs
+from .graph_index import SHAPE_OPS, GraphIndex
 
 MAX_CANDIDATE_OUTPUTS = 48
 LAYOUT_VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
