@@ -8,14 +8,15 @@ token; d = 768; GELU; tie "gt"). Three files, built here in the same run:
 - dense: Linear(768, 4095) -> GELU -> Linear(4095, 768), the feedforward layer of the same
   training width, exported the same way;
 - fffcompile: one NeuronTree node (``fff_node``) holding the soft layer's weights, with its
-  standard-op function body.
+  standard-op function body; with ``--frontend``, the soft file rewritten by the ONNX frontend
+  (``optimize_onnx``, what ``fffcompile export`` runs), which must find the tree by itself.
 
 The fffcompile file must equal the soft file (form B's training graph is already hard); the run
 stops otherwise. Each file runs in ONNX Runtime (CPU, ``--threads`` intra-op threads, 1 by
 default, sequential execution) on the same inputs, interleaved, ``--rounds`` rounds; the table
 reports the best round's time per call and the ratios soft/fffcompile and dense/fffcompile.
 
-    python benchmarks/bench_onnx.py [--batches 1 128 4096] [--threads 1] [--rounds 15]
+    python benchmarks/bench_onnx.py [--batches 1 128 4096] [--threads 1] [--rounds 15] [--frontend]
 """
 from __future__ import annotations
 
@@ -93,6 +94,18 @@ def rewritten_file(spec: FFFSpec, path: str) -> str:
     return path
 
 
+def frontend_file(soft_path: str, path: str) -> str:
+    """The soft file rewritten by the ONNX frontend (detection, extraction, confirmation; no whole-model check)."""
+    from fffcompile.onnx.onnx_frontend import optimize_onnx
+    start = time.perf_counter()
+    model, report = optimize_onnx(onnx.load(soft_path), "onnx", verify=False)
+    if len(report.rewritten) != 1:
+        raise SystemExit(f"the ONNX frontend did not find the tree in the soft file:\n{report}")
+    print(f"ONNX frontend: {report.rewritten[0].description} in {time.perf_counter() - start:.1f} s")
+    onnx.save(model, path)
+    return path
+
+
 def session(path: str, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -123,15 +136,19 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--budget", type=float, default=0.05, help="seconds of calls per file, batch and round")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frontend", action="store_true",
+                        help="build the fffcompile file with the ONNX frontend from the soft file (as fffcompile export does)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     soft = UltraFastBERTLayer(args.width, args.depth, args.trees)
     hidden = args.trees * soft.n_nodes
     with tempfile.TemporaryDirectory() as workdir:
-        files = {"fffcompile": rewritten_file(soft.spec(), os.path.join(workdir, "fffcompile.onnx")),
-                 "soft": export_torch(soft, args.width, os.path.join(workdir, "soft.onnx")),
+        files = {"soft": export_torch(soft, args.width, os.path.join(workdir, "soft.onnx")),
                  "dense": export_torch(dense_layer(args.width, hidden), args.width, os.path.join(workdir, "dense.onnx"))}
+        target = os.path.join(workdir, "fffcompile.onnx")
+        files = {"fffcompile": frontend_file(files["soft"], target) if args.frontend else rewritten_file(soft.spec(), target),
+                 **files}
         sessions = {name: session(path, args.threads) for name, path in files.items()}
 
     rng = np.random.default_rng(args.seed)

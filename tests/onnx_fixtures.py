@@ -62,6 +62,70 @@ class UnrolledFFF(nn.Module):
         return (out * mixture.unsqueeze(-1)).sum(1)
 
 
+class LinearLeafTree(nn.Module):
+    """A soft tree whose leaves are single linear layers: y = sum_j mu_j(x) (x W_j + b_j) (LeafLinearTree)."""
+
+    def __init__(self, d_in, d_out, depth):
+        super().__init__()
+        self.depth = depth
+        self.nodes = nn.Linear(d_in, 2 ** depth - 1)
+        self.w = nn.Parameter(torch.randn(2 ** depth, d_in, d_out) / math.sqrt(d_in))
+        self.b = nn.Parameter(torch.randn(2 ** depth, d_out) * 0.1)
+
+    def forward(self, x):
+        p = torch.sigmoid(self.nodes(x))
+        mu = torch.ones_like(p[:, :1])
+        for level in range(self.depth):
+            pl = p[:, 2 ** level - 1: 2 ** (level + 1) - 1]
+            mu = torch.stack((mu * (1 - pl), mu * pl), -1).flatten(1)
+        y = torch.einsum("bl,blo->bo", mu, torch.einsum("bd,ldo->blo", x, self.w) + self.b)
+        return y + p.mean(-1, keepdim=True) if getattr(self, "leak_router", False) else y
+
+
+class SharedProducer(LinearLeafTree):
+    """A look-alike: the router probabilities are also read outside the tree (y + mean(p)); no rewrite may
+    remove them."""
+
+    leak_router = True
+
+
+class SharedInput(nn.Module):
+    """An FFF whose input also feeds a parallel linear branch: the FFF is rewritten, the branch stays."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fff, self.skip = FFF(d, d, 2, 3), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fff(x) + self.skip(x)
+
+
+def _spec_linear_leaves(m: LinearLeafTree) -> FFFSpec:
+    return FFFSpec(form="leaf_mlp", depth=m.depth, activation="identity", node_weight=m.nodes.weight.detach(),
+                   node_bias=m.nodes.bias.detach(), leaf_w1=m.w.detach(), leaf_b1=m.b.detach(), tie="ge")
+
+
+class HardTree(nn.Module):
+    """A leaf-MLP tree written as its hard descent with gathers (as an inference-only port would be):
+    every node's logit, the current node's picked per level, >= 0, index arithmetic, the leaf's
+    weights gathered from stacked tables."""
+
+    def __init__(self, d_in, d_out, depth, width, activation="gelu"):
+        super().__init__()
+        self.fff = FFF(d_in, d_out, depth, width, activation=activation)
+
+    def forward(self, x):
+        f = self.fff
+        z = x @ f.node_weight.T + f.node_bias
+        node = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        for _ in range(f.depth):
+            node = 2 * node + 1 + (z.gather(1, node) >= 0).long()
+        leaf = node[:, 0] - (2 ** f.depth - 1)
+        h = torch.einsum("bd,bdh->bh", x, f.leaf_w1[leaf]) + f.leaf_b1[leaf]
+        h = torch.nn.functional.gelu(h) if f.activation == "gelu" else torch.relu(h)
+        return torch.einsum("bh,bho->bo", h, f.leaf_w2[leaf]) + f.leaf_b2[leaf]
+
+
 class GLU(nn.Module):
     """A gated linear unit: y = (x A + a) * s(x B + b), then a projection (a sigmoid of a projection, no tree)."""
 
@@ -81,6 +145,17 @@ def _spec_fff(m: FFF) -> FFFSpec:
 
 def _spec_unrolled(m: UnrolledFFF) -> FFFSpec:
     return FFFSpec(form="leaf_mlp", depth=m.depth, activation="relu", node_weight=m.node_weights.detach(),
+                   node_bias=m.node_biases.detach()[:, 0], leaf_w1=m.w1s.detach(), leaf_b1=m.b1s.detach(),
+                   leaf_w2=m.w2s.detach(), leaf_b2=m.b2s.detach(), tie="ge")
+
+
+def _fastfeedforward(d_in, leaf, d_out, depth):
+    from fastfeedforward import FFF as ShippedFFF
+    return ShippedFFF(d_in, leaf, d_out, depth)
+
+
+def _spec_fastfeedforward(m) -> FFFSpec:
+    return FFFSpec(form="leaf_mlp", depth=int(m.depth.item()), activation="relu", node_weight=m.node_weights.detach(),
                    node_bias=m.node_biases.detach()[:, 0], leaf_w1=m.w1s.detach(), leaf_b1=m.b1s.detach(),
                    leaf_w2=m.w2s.detach(), leaf_b2=m.b2s.detach(), tie="ge")
 
@@ -113,9 +188,14 @@ CASES: dict[str, Case] = {
     "fff": Case(lambda: FFF(12, 7, 3, 5, activation="gelu"), (4, 12), 1, _spec_fff),
     "fff_seq": Case(lambda: FFF(8, 6, 2, 4), (2, 5, 8), 1, _spec_fff),
     "fff_master": Case(lambda: FFF(10, 6, 3, 4, master_width=8), (4, 10), 1),
+    # the shipped package: its int64 ``depth`` Parameter defeats the dynamo exporter (CAPTURE.md)
+    "fastfeedforward": Case(lambda: _fastfeedforward(10, 3, 6, 3), (4, 10), 1, _spec_fastfeedforward,
+                            exporters=("legacy",)),
     "unrolled": Case(lambda: UnrolledFFF(10, 3, 6, 3), (4, 10), 1, _spec_unrolled),
     "ultrafastbert": Case(lambda: UltraFastBERTFFF(12, 10, 3, 2), (2, 5, 12), 1, _spec_ufb),
     "neuron_tree": Case(lambda: NeuronTree(9, 5, 2, trees=3), (4, 9), 1, _spec_neuron_tree),
+    "hard_tree": Case(lambda: HardTree(9, 5, 3, 4), (4, 9), 1, lambda m: _spec_fff(m.fff)),
+    "linear_leaves": Case(lambda: LinearLeafTree(7, 4, 3), (4, 7), 1, _spec_linear_leaves),
     "module_list": Case(lambda: ModuleListTree(8, 5, depth=2), (4, 8), 1),
     "soft_tree": Case(lambda: SoftTreeMixture(8, depth=3), (4, 8), 1),
     # the legacy exporter bakes attention's shapes in: a transformer only by the dynamo exporter
@@ -123,7 +203,9 @@ CASES: dict[str, Case] = {
                         exporters=("dynamo",)),
     "stack": Case(lambda: nn.Sequential(nn.Linear(8, 8), FFF(8, 8, 2, 4), nn.LayerNorm(8), UltraFastBERTFFF(8, 8, 2, 2),
                                         nn.GELU(), FFF(8, 3, 3, 2, activation="silu")), (2, 5, 8), 3),
+    "shared_input": Case(lambda: SharedInput(6), (4, 6), 1),
     # look-alikes: nothing to rewrite
+    "shared_producer": Case(lambda: SharedProducer(7, 4, 3), (4, 7), 0),
     "softmax_moe": Case(lambda: SoftTreeMixture(8, kind="softmax_moe"), (4, 8), 0),
     "not_a_tree": Case(lambda: SoftTreeMixture(8, kind="not_a_tree"), (4, 8), 0),
     "swapped_children": Case(lambda: SoftTreeMixture(8, kind="swapped_children"), (4, 8), 0),

@@ -50,8 +50,8 @@ def run(args) -> int:
         check_output_path(args.engine)
     if args.inputs is not None and args.no_verify:
         raise UserError("--inputs is only used by the verification; drop --no-verify or --inputs")
-    _progress(f"reading {args.input}")
     model = load_model(args.input)
+    _progress(f"read {args.input}: {len(model.graph.node)} nodes")
     optimized, report = optimize_onnx(model, args.target, verify=not args.no_verify, inputs=args.inputs,
                                       atol=args.atol, rtol=args.rtol, progress=_progress)
     _progress(f"writing {args.output}")

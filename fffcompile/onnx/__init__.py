@@ -6,6 +6,8 @@
 - ``export.export`` (also ``fffcompile.export``): torch model -> ONNX file with fused nodes.
 - ``harden.harden_sigmoids`` and ``verify.verify_models``: exactness and fidelity in ONNX Runtime.
 - ``files``: atomic writes and clear refusals of unreadable files.
+- ``onnx_frontend.optimize_onnx``: the ONNX frontend (``detect``, ``region``, ``extract_leaf_tree``,
+  ``extract_neuron_tree``, ``confirm``): an ONNX model in, its FFFs rewritten to fffcompile nodes out.
 
 Importing this package does not import onnxscript or torch's exporter; ``export`` does.
 """
@@ -18,6 +20,12 @@ from .node import FFFNode, fff_node
 from .verify import ModelVerification, generate_inputs, load_inputs, verify_models
 
 
+def optimize_onnx(model, target="onnx", **options):
+    """See ``fffcompile.onnx.onnx_frontend.optimize_onnx``."""
+    from .onnx_frontend import optimize_onnx as _optimize_onnx
+    return _optimize_onnx(model, target, **options)
+
+
 def export(model, example_inputs, path, **options):
     """See ``fffcompile.onnx.export.export``."""
     from .export import export as _export
@@ -26,4 +34,4 @@ def export(model, example_inputs, path, **options):
 
 __all__ = ["DOMAIN", "LEAF_MLP_TREE", "LEAF_LINEAR_TREE", "NEURON_TREE", "NodeConfig", "FFFNode", "fff_node", "insert_fff_nodes",
            "attach_functions", "fff_configurations", "build_function", "harden_sigmoids", "verify_models",
-           "ModelVerification", "generate_inputs", "load_inputs", "load_model", "save_model_atomic", "export"]
+           "ModelVerification", "generate_inputs", "load_inputs", "load_model", "save_model_atomic", "export", "optimize_onnx"]

@@ -9,8 +9,12 @@
   the constant 0 (``Greater(a, 0)``, ``GreaterOrEqual(a, 0)``, or ``Less``/``LessOrEqual`` with
   the operands swapped) whose ``a`` also feeds other ops (the activation); one candidate each.
 
-Sigmoids of constants (form C's blend ``s(k)``) and sigmoids whose input is also read by other
-ops (an activation such as SiLU, ``a * s(a)``) are no anchors. Nothing is rewritten on the
+- Form A, hard (a descent written with gathers): comparisons with 0 of a logit *picked* by a
+  data-dependent Gather/GatherElements/GatherND from a projection of X (every node's logit);
+  all such comparisons of one X form one candidate ("H").
+
+Sigmoids of constants (form C's blend ``s(k)``) and sigmoids whose output is read together with
+their input by one op (an activation such as SiLU, ``a * s(a)``) are no anchors. Nothing is rewritten on the
 strength of an anchor: ``region`` finds the subgraph, ``extract`` the spec, ``confirm`` the
 numbers.
 """
@@ -29,7 +33,7 @@ COMPARISONS = {"Greater": ("gt", 1), "GreaterOrEqual": ("ge", 1), "Less": ("gt",
 
 @dataclass
 class Candidate:
-    form: str                      # "A" (soft leaf tree, maybe with a master leaf) or "B" (neuron tree)
+    form: str                      # "A" (soft leaf tree, maybe with a master leaf), "H" (hard leaf tree), "B" (neuron tree)
     x: str                         # the tensor the tree routes
     anchors: list[int]             # node indices: sigmoids (A) or one comparison (B)
     tie: str = "ge"
@@ -48,6 +52,7 @@ def _is_zero(index: GraphIndex, name: str) -> bool:
 def find_candidates(index: GraphIndex) -> list[Candidate]:
     static = static_tensors(index)
     sigmoid_groups: dict[str, list[int]] = {}
+    hard_groups: dict[tuple[str, str], list[int]] = {}
     candidates: list[Candidate] = []
     for i, node in enumerate(index.nodes):
         if is_fff_node(node) or node.domain not in ("", "ai.onnx"):
@@ -55,9 +60,8 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
         if node.op_type == "Sigmoid":
             if node.input[0] in static:
                 continue
-            readers = index.consumer_nodes(node.input[0])
-            if any(r.op_type not in ("Sigmoid", "Shape", "Size") for r in readers):
-                continue      # an activation such as SiLU, a * s(a): the logit is read by more than sigmoids
+            if any(node.output[0] in r.input for r in index.consumer_nodes(node.input[0])):
+                continue      # an activation such as SiLU, a * s(a): one op reads both the logit and its sigmoid
             x = trace_source(index, node.input[0], static)
             if x is not None:
                 sigmoid_groups.setdefault(x, []).append(i)
@@ -67,6 +71,14 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
             a, zero = (node.input[0], node.input[1]) if data_position == 1 else (node.input[1], node.input[0])
             if a in static or not _is_zero(index, zero):
                 continue
+            picked = index.producer_node(a)
+            if picked is not None and picked.op_type in ("Gather", "GatherElements", "GatherND") \
+                    and picked.input[0] not in static and any(n not in static for n in picked.input[1:]):
+                # a hard descent: the logit of the current node, picked from every node's logit by its index
+                x = trace_source(index, picked.input[0], static)
+                if x is not None:
+                    hard_groups.setdefault((x, tie), []).append(i)
+                continue
             if len(index.consumers.get(a, ())) < 2:
                 continue          # a decision on a logit nothing else reads is no neuron tree
             x = trace_source(index, a, static)
@@ -74,5 +86,7 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
                 candidates.append(Candidate("B", x, [i], tie=tie))
     for x, sigmoids in sigmoid_groups.items():
         candidates.append(Candidate("A", x, sigmoids))
+    for (x, tie), comparisons in hard_groups.items():
+        candidates.append(Candidate("H", x, comparisons, tie=tie))
     candidates.sort(key=lambda c: c.anchors[0])
     return candidates

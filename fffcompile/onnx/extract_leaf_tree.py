@@ -10,10 +10,14 @@ so weights are reassembled from what the region computes, never from names:
    (``detect``); a = x W1 + b1 gives leaf_w1 / leaf_b1 with the columns leaf-major
    (leaf j owns columns j l .. j l + l - 1). The random rows check that both are affine.
 2. The activation h = act(a) is identified numerically (``activation_match``).
-3. The region is cut at the sigmoid outputs p and at h, which become inputs: with p set to the
-   0/1 pattern of leaf j's path (mu_j = 1, every other mu = 0) the region computes leaf j's
-   second layer on h: y = h W2_j + b2_j. Rows h = 0 and h = e_k (k among leaf j's columns)
-   read b2_j and W2_j. A tree whose leaves are single linear layers shows W2_j = I, b2_j = 0:
+3. The second layer, first where the leaves' outputs meet the mixture (the *frontier*: values
+   computed from h but not from p that an op combining them with p reads; one (rows, L, d_out)
+   tensor or one per leaf): with h = 0 and h = e_k in every leaf's block at once, l + 1 rows
+   read every b2_j and W2_j without running the mixture. If that reading does not confirm, the
+   region is cut at the sigmoid outputs p and at h, which become inputs: with p set to the 0/1
+   pattern of leaf j's path (mu_j = 1, every other mu = 0) the region computes leaf j's second
+   layer on h: y = h W2_j + b2_j; rows h = 0 and h = e_k (k among leaf j's columns) read b2_j
+   and W2_j (L (l + 1) rows through the whole region: slow for deep trees, hence second). A tree whose leaves are single linear layers shows W2_j = I, b2_j = 0:
    the spec then has linear leaves.
 
 What this does not prove: that the region is a tree at all, or that heap order is right; the
@@ -22,12 +26,11 @@ spec is only a hypothesis until ``confirm`` has run the hardened region against
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from ..errors import InvalidModelError
 from ..spec import FFFSpec
 from .activation_match import elementwise_closure, match_activation
 from .contract import torch_dtype
@@ -61,7 +64,8 @@ def read_affine(values: np.ndarray, probes: np.ndarray, what: str) -> tuple[np.n
     return W, b
 
 
-def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) -> FFFSpec:
+def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) -> Iterator[FFFSpec]:
+    """Spec hypotheses, cheapest reading first (see the module doc); ``confirm`` keeps the first that holds."""
     rank, d_in = x_layout(index.shape(region.x))
     elem = index.elem_type(region.x)
     try:
@@ -115,16 +119,56 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
     leaf_w1 = W1.reshape(d_in, leaves, width).transpose(1, 0, 2)
     leaf_b1 = b1.reshape(leaves, width)
 
-    # 3. second layer: cut at p and h, one leaf selected per row
+    # 3. second layer, read where the leaves' outputs meet the mixture, else through the mixture leaf by leaf
     h_shapes = [values[h].shape for h in h_names]
     h_widths = [columns(values[h], rows).shape[1] for h in h_names]
     p_shapes = [values[z].shape for z in z_names]
-    y_width, W2, b2 = None, np.zeros((leaves, width, 0)), np.zeros((leaves, 0))
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+
+    def spec(leaf_w2, leaf_b2):
+        linear = (activation == "identity" and width == leaf_b2.shape[1]
+                  and np.allclose(leaf_w2, np.eye(width)[None], atol=1e-5) and np.allclose(leaf_b2, 0, atol=1e-6))
+        return FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(node_w.T),
+                       node_bias=to(node_b), leaf_w1=to(leaf_w1), leaf_b1=to(leaf_b1),
+                       leaf_w2=None if linear else to(leaf_w2), leaf_b2=None if linear else to(leaf_b2),
+                       tie="ge", source="soft")
+
+    def h_feeds(h_rows, R):
+        feeds, offset = {}, 0
+        for name, shape, w in zip(h_names, h_shapes, h_widths):
+            feeds[name] = h_rows[:, offset:offset + w].astype(np_dtype).reshape(feed_shape(shape, rows, R))
+            offset += w
+        return feeds
+
+    frontier = _frontier(index, region, p_names, h_names)
+    if not frontier and activation == "identity":
+        # the mixture reads the leaf projections themselves: single linear leaves, y = x W1_j + b1_j
+        yield spec(np.broadcast_to(np.eye(width), (leaves, width, width)), np.zeros((leaves, width)))
+    if frontier:
+        # (a) all leaves at once: h = 0 and h = e_k in every leaf's block; the leaves' outputs are read before
+        # the mixture (one (rows, L, d_out) tensor, or one (rows, d_out) tensor per leaf in leaf order)
+        R = width + 1
+        h_rows = np.zeros((R, leaves * width))
+        for k in range(width):
+            h_rows[1 + k, k::width] = 1.0
+        nodes = index.backward_slice(frontier, stop={region.x, *h_names, *region.shape_sources}) & region.nodes
+        feeds = {**region.feed(index, shaped(np.zeros((R, d_in), np_dtype), rank)), **h_feeds(h_rows, R)}
+        try:
+            out = evaluate(index.submodel(nodes, [*region.inputs, *h_names], frontier), feeds, frontier)
+            f = np.concatenate([columns(out[t], R) for t in frontier], 1).astype(np.float64)
+        except Exception:
+            f = None
+        if f is not None and f.shape[1] % leaves == 0:
+            f = f.reshape(R, leaves, -1)
+            yield spec((f[1:] - f[:1]).transpose(1, 0, 2), f[0])
+
+    # (b) one leaf per row through the mixture: p = leaf j's path pattern, h = 0 and e_k in leaf j's block
     cut = set(p_names) | set(h_names) | {region.x}
     nodes = index.backward_slice([region.y], stop=cut | set(region.shape_sources)) & region.nodes
     second = make_session(index.submodel(nodes, [*region.inputs, *p_names, *h_names], [region.y]))
     per_leaf = width + 1
-    d_out_guess = max(1, index.shape(region.y)[-1] if index.shape(region.y) and isinstance(index.shape(region.y)[-1], int) else d_in)
+    y_shape = index.shape(region.y)
+    d_out_guess = y_shape[-1] if y_shape and isinstance(y_shape[-1], int) else d_in
     chunk_leaves = max(1, PROBE_BUDGET // max(1, per_leaf * leaves * (width + d_out_guess) * 2))
     outputs = []
     for start in range(0, leaves, chunk_leaves):
@@ -137,28 +181,38 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
             p_rows[b * per_leaf:(b + 1) * per_leaf] = path
             for k in range(width):
                 h_rows[b * per_leaf + 1 + k, j * width + k] = 1.0
-        feeds = region.feed(index, shaped(np.zeros((R, d_in), np_dtype), rank))
+        feeds = {**region.feed(index, shaped(np.zeros((R, d_in), np_dtype), rank)), **h_feeds(h_rows, R)}
         offset = 0
         for k in order:      # heap-ordered columns back to each sigmoid's own tensor
             w = widths[k]
             feeds[p_names[k]] = p_rows[:, offset:offset + w].astype(np_dtype).reshape(feed_shape(p_shapes[k], rows, R))
             offset += w
-        offset = 0
-        for name, shape, w in zip(h_names, h_shapes, h_widths):
-            feeds[name] = h_rows[:, offset:offset + w].astype(np_dtype).reshape(feed_shape(shape, rows, R))
-            offset += w
         y = columns(evaluate(second, feeds, [region.y])[region.y], R).astype(np.float64)
         outputs.append(y.reshape(len(block), per_leaf, -1))
     y = np.concatenate(outputs)                      # (L, l + 1, d_out)
-    leaf_b2 = y[:, 0]
-    leaf_w2 = y[:, 1:] - leaf_b2[:, None]
-    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-    linear = (activation == "identity" and width == leaf_b2.shape[1]
-              and np.allclose(leaf_w2, np.eye(width)[None], atol=1e-5) and np.allclose(leaf_b2, 0, atol=1e-6))
-    return FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(node_w.T), node_bias=to(node_b),
-                   leaf_w1=to(leaf_w1), leaf_b1=to(leaf_b1),
-                   leaf_w2=None if linear else to(leaf_w2), leaf_b2=None if linear else to(leaf_b2),
-                   tie="ge", source="soft")
+    yield spec(y[:, 1:] - y[:, :1], y[:, 0])
+
+
+def _frontier(index: GraphIndex, region: Region, p_names: list[str], h_names: list[str]) -> list[str]:
+    """Values computed from the leaves' activations but not from the router outputs that an op combining
+    them with the router outputs reads: where the leaves' outputs meet the mixture (graph order)."""
+    dep_p, dep_h = set(p_names), set(h_names)
+    for i in sorted(region.nodes):
+        node = index.nodes[i]
+        ins = index.inputs_of[i]
+        outs = [o for o in node.output if o]
+        if any(n in dep_p for n in ins):
+            dep_p.update(outs)
+        elif any(n in dep_h for n in ins):
+            dep_h.update(outs)
+    frontier = []
+    for t in dep_h - dep_p:
+        readers = [index.nodes[c] for c in index.consumers.get(t, ()) if c in region.nodes]
+        if any(o in dep_p for r in readers for o in r.output):
+            frontier.append(t)
+    if any(t in h_names for t in frontier):
+        return []        # the mixture meets the activations themselves: no leaf output to read apart
+    return sorted(frontier, key=lambda t: index.producer.get(t, -1))
 
 
 def _path_pattern(depth: int, leaf: int) -> np.ndarray:

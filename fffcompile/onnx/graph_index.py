@@ -36,18 +36,19 @@ class GraphIndex:
         self.position = {id(n): i for i, n in enumerate(self.nodes)}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = defaultdict(list)
+        self.inputs_of: list[list[str]] = [node_inputs(node) for node in self.nodes]
         for i, node in enumerate(self.nodes):
             for name in node.output:
                 if name:
                     self.producer[name] = i
-            for name in node_inputs(node):
+            for name in self.inputs_of[i]:
                 self.consumers[name].append(i)
         self.initializers = {t.name: t for t in graph.initializer}
         self.graph_inputs = {v.name for v in graph.input}
         self.graph_outputs = {v.name for v in graph.output}
         self.constant: set[str] = {n for n in self.initializers if n not in self.graph_inputs}
         for node in self.nodes:
-            ins = [i for i in node_inputs(node) if i]
+            ins = [i for i in self.inputs_of[self.position[id(node)]] if i]
             if node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                                     "Multinomial", "Bernoulli") and all(i in self.constant for i in ins):
                 self.constant.update(o for o in node.output if o)
@@ -120,7 +121,7 @@ class GraphIndex:
             node = self.nodes[i]
             if shape_barrier is not None and node.op_type in SHAPE_OPS and self.producer.get(node.input[0]) not in shape_barrier:
                 continue
-            frontier.extend(n for n in node_inputs(node) if n)
+            frontier.extend(n for n in self.inputs_of[i] if n)
         return seen
 
     # ------------------------------------------------------------------ submodels

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from .graph_index import SHAPE_OPS, GraphIndex, node_inputs
+from .graph_index import SHAPE_OPS, GraphIndex
 
 PROJECTIONS = ("MatMul", "Gemm", "Einsum")
 BIAS_OPS = ("Add", "Sub")
@@ -39,8 +39,8 @@ def static_tensors(index: GraphIndex) -> set[str]:
     if cached is not None:
         return cached
     static = set(index.constant)
-    for node in index.nodes:
-        ins = [i for i in node_inputs(node) if i]
+    for k, node in enumerate(index.nodes):
+        ins = [i for i in index.inputs_of[k] if i]
         if node.op_type in SHAPE_OPS or all(i in static for i in ins):
             static.update(o for o in node.output if o)
     index._static = static

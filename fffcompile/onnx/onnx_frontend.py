@@ -2,7 +2,8 @@
 
     model, report = optimize_onnx(onnx.load("model.onnx"), target="trt")
 
-1. ``detect``: anchors (router sigmoids of one input X; a neuron tree's comparison with 0);
+1. ``detect``: anchors (router sigmoids of one input X; a neuron tree's comparison with 0; the
+   comparisons of a hard descent, ``extract_hard_leaf_tree``);
 2. ``region``: the closed subgraph X -> Y around each candidate, smallest first;
 3. ``extract_leaf_tree`` / ``extract_neuron_tree``: the FFFSpec, weights read back by numbers;
 4. ``confirm``: the cut-out region (sigmoids hardened) against ``reference.hard`` on probes;
@@ -36,6 +37,7 @@ from .confirm import confirm
 from .contract import check_target
 from .detect import Candidate, find_candidates
 from .extract_leaf_tree import NotExtracted, extract_leaf_tree
+from .extract_hard_leaf_tree import extract_hard_leaf_tree
 from .extract_neuron_tree import extract_neuron_tree
 from .graph_index import GraphIndex
 from .linear_chains import chain_ends, projected_tensors, static_tensors
@@ -81,15 +83,20 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
         if previous is not None:
             specs, sigmoids = [previous.spec], previous.sigmoids
         elif candidate.form == "A":
-            specs = [extract_leaf_tree(index, region, candidate.anchors)]
+            specs = extract_leaf_tree(index, region, candidate.anchors)
             sigmoids = [index.nodes[i].name for i in candidate.anchors]
+        elif candidate.form == "H":
+            specs = extract_hard_leaf_tree(index, region, candidate.anchors, candidate.tie)
+            sigmoids = []
         else:
             specs = extract_neuron_tree(index, region, candidate.anchors[0], candidate.tie)
             sigmoids = []
         for spec in specs:
-            comparison, why = confirm(index, region, spec, sigmoids)
-            if not why:
-                return Found(candidate, region, spec, comparison, sigmoids), []
+            # the largest layout-only extension first (restoring the input's leading dims): one check, not two
+            for target in _layout_extensions(index, region, candidate.form)[::-1] + [region]:
+                comparison, why = confirm(index, target, spec, sigmoids)
+                if not why:
+                    return Found(candidate, target, spec, comparison, sigmoids), []
             reasons.append(why)
     except (NotExtracted, InvalidModelError) as error:
         reasons.append(f"at {region.y!r}: {error}")
@@ -103,6 +110,26 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
 _LAYOUT_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Gather", "Slice", "Concat",
                "Constant", "Cast")
 _PROJECTION_OPS = ("MatMul", "Gemm", "Einsum", "Add")
+
+
+def _layout_extensions(index: GraphIndex, region: Region, form: str, limit: int = 4) -> list[Region]:
+    """Closed regions that continue ``region`` through a chain of single-reader layout ops, nearest first."""
+    from .region import _first_closed, layout_ancestors
+    out, current = [], region
+    entries = [(a, None) for a in layout_ancestors(index, region.x)][::-1] + [(region.x, index.forward_from(region.x))]
+    while len(out) < limit:
+        readers = index.consumers.get(current.y, [])
+        if len(readers) != 1 or current.y in index.graph_outputs:
+            break
+        node = index.nodes[readers[0]]
+        if node.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity") or not node.output:
+            break
+        larger, _ = _first_closed(index, entries, node.output[0])
+        if larger is None or not _extends(index, current, larger, form):
+            break
+        out.append(larger)
+        current = larger
+    return out
 
 
 def _extends(index: GraphIndex, smaller: Region, larger: Region, form: str) -> bool:
@@ -142,7 +169,8 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
         reasons = []
         result = None
         outputs = [index.nodes[i].output[0] for i in candidate.anchors]
-        for region, why in candidate_regions(index, candidate.x, outputs, other_uses(index, candidate)):
+        uses = other_uses(index, candidate) if candidate.form != "H" else set()
+        for region, why in candidate_regions(index, candidate.x, outputs, uses):
             if region is None:
                 if result is None:
                     reasons.append(why)
@@ -150,6 +178,8 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
             if region.x_nodes & taken:
                 reasons.append(f"{region.y!r} overlaps an FFF already found")
                 continue
+            if result is not None and region.y in {o for i in result.region.x_nodes for o in index.nodes[i].output}:
+                continue        # already inside the confirmed region (a layout extension taken at once)
             if result is not None and not _extends(index, result.region, region, candidate.form):
                 break
             layout_only = result is not None and _extends(index, result.region, region, "A")
@@ -181,18 +211,18 @@ def rewrite(model: onnx.ModelProto, index: GraphIndex, found: list[Found], targe
         removed |= f.region.x_nodes
     # constant nodes of the regions go when nothing else reads them any more
     candidates = set().union(*(f.region.nodes - f.region.x_nodes for f in found)) if found else set()
-    kept = [i for i in range(len(index.nodes)) if i not in removed]
+    kept = set(range(len(index.nodes))) - removed
     changed = True
     while changed:
         changed = False
-        read = {name for i in kept for name in _inputs(index.nodes[i])} | index.graph_outputs
+        read = {name for i in kept for name in index.inputs_of[i]} | index.graph_outputs
         for i in list(candidates):
             if i in kept and not any(o in read for o in index.nodes[i].output if o):
-                kept.remove(i)
+                kept.discard(i)
                 candidates.discard(i)
                 removed.add(i)
                 changed = True
-    removed_inputs = {name for i in removed for name in _inputs(index.nodes[i])}
+    removed_inputs = {name for i in removed for name in index.inputs_of[i]}
     names = {n.name for n in graph.node} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     fff_nodes = []
     for k, f in enumerate(found):
@@ -201,7 +231,7 @@ def rewrite(model: onnx.ModelProto, index: GraphIndex, found: list[Found], targe
             name += "_"
         names.add(name)
         fff_nodes.append(fff_node(f.spec, f.region.x, f.region.y, target=target, name=name))
-    new_nodes = [index.nodes[i] for i in kept]
+    new_nodes = [index.nodes[i] for i in sorted(kept)]
     del graph.node[:]
     graph.node.extend(new_nodes)
     read = {name for n in graph.node for name in _inputs(n)} | {o.name for o in graph.output}
@@ -275,8 +305,14 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
         from .verify import verify_models
         ties = {name: f.spec.tie for f in found for name in f.sigmoids}
         checks = [(f.spec, f.region.x) for f in found]
-        result = verify_models(original, optimized, sigmoids=ties, inputs=inputs, tie_checks=checks, atol=atol,
-                               rtol=rtol)
+        try:
+            result = verify_models(original, optimized, sigmoids=ties, inputs=inputs, tie_checks=checks, atol=atol,
+                                   rtol=rtol)
+        except InvalidModelError as error:
+            if inputs is not None:
+                raise
+            raise InvalidModelError(f"{error}; the check ran on generated inputs (symbolic dims set to 3): pass real "
+                                    f"inputs (--inputs data.npz) or skip the check (--no-verify)") from error
         report.model_check = {f"exactness {k}": c for k, c in result.exactness.items()}
         report.model_check.update({f"fidelity {k}": c for k, c in (result.fidelity or {}).items()})
         if not result.passed:

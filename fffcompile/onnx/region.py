@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 
-from .graph_index import SHAPE_OPS, GraphIndex, node_inputs
+from .graph_index import SHAPE_OPS, GraphIndex
 
 MAX_CANDIDATE_OUTPUTS = 48
 LAYOUT_VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
@@ -70,7 +70,7 @@ def closed_region(index: GraphIndex, x: str, y: str, forward: set[int]) -> tuple
             return None, f"the subgraph producing {y!r} reads values other than {x!r} and constants"
     sources = []
     for i in nodes:
-        for name in node_inputs(index.nodes[i]):
+        for name in index.inputs_of[i]:
             if not name or name == x or name in index.initializers or index.producer.get(name) in nodes:
                 continue
             if all(index.nodes[c].op_type in SHAPE_OPS for c in index.consumers.get(name, ()) if c in nodes):
@@ -113,7 +113,7 @@ def candidate_regions(index: GraphIndex, x: str, anchor_outputs: list[str],
     for i in sorted(forward):
         node = index.nodes[i]
         mask = 0
-        for name in node_inputs(node):
+        for name in index.inputs_of[i]:
             mask |= masks.get(name, 0)
         for out in node.output:
             if not out:

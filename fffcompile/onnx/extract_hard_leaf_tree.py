@@ -1,0 +1,100 @@
+"""Form A, hard: the FFFSpec of a leaf-tree region that already descends (gathers by node and leaf index).
+
+Such a graph computes every node's logit z = x W^T + b, picks the current node's logit per level
+(Gather/GatherElements/GatherND by a data-dependent index), compares it with 0, steps the index,
+then gathers the chosen leaf's weights from constant tensors of 2^D rows and applies them.
+
+1. z is evaluated on X = 0, e_1 .. e_d and random rows: node_weight / node_bias (checked affine);
+   2^D - 1 columns give the depth D.
+2. The leaf weights are the constant data inputs (first dim 2^D) of the gathers whose indices
+   depend on the decisions; their roles follow from their shapes: (L, d_in, l) is leaf_w1 (or
+   (L, l, d_in) transposed), (L, l) leaf_b1, (L, l, d_out) leaf_w2, (L, d_out) leaf_b2. Where the
+   shapes leave a choice (l == d_in, l == d_out), every reading is a hypothesis.
+3. The activation is not visible as one op (it acts on a gathered product): each activation
+   fffcompile knows is a hypothesis, tried against the region's own output on probe rows before
+   the formal confirmation.
+
+Must not fire on a descent whose leaves are not read from such tables, or whose decisions do not
+follow heap order: confirmation against ``reference.hard`` refuses them.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .. import reference
+from ..spec import ACTIVATIONS, FFFSpec
+from .contract import torch_dtype
+from .extract_leaf_tree import NotExtracted, affine_probes, read_affine
+from .graph_index import GraphIndex, evaluate, make_session
+from .probes import columns, probe_shapes, shaped, x_layout
+from .region import Region
+
+GATHERS = ("Gather", "GatherND", "GatherElements")
+
+
+def extract_hard_leaf_tree(index: GraphIndex, region: Region, comparisons: list[int], tie: str) -> Iterator[FFFSpec]:
+    rank, d_in = x_layout(index.shape(region.x))
+    try:
+        dtype = torch_dtype(index.elem_type(region.x))
+    except KeyError:
+        raise NotExtracted("the FFF input is not a floating-point tensor")
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    z = index.producer_node(_logit(index, comparisons[0])).input[0]
+    probes = affine_probes(d_in)
+    model = index.submodel(index.backward_slice([z], stop={region.x}) & region.nodes, region.inputs, [z])
+    W, b = read_affine(columns(evaluate(model, region.feed(index, shaped(probes.astype(np_dtype), rank)), [z])[z],
+                               probes.shape[0]), probes, "the node logits")
+    n_nodes = W.shape[1]
+    depth = (n_nodes + 1).bit_length() - 1
+    if 2 ** depth - 1 != n_nodes:
+        raise NotExtracted(f"{n_nodes} node logits is not 2^D - 1 for any depth D")
+    leaves = 2 ** depth
+    tables = []
+    for i in sorted(region.x_nodes):
+        node = index.nodes[i]
+        if node.op_type in GATHERS and node.input[0] in index.constant and node.input[0] != z:
+            value = index.constant_value(node.input[0])
+            if value is not None and value.ndim in (2, 3) and value.shape[0] == leaves:
+                tables.append(value.astype(np.float64))
+    threes = [t for t in tables if t.ndim == 3]
+    twos = [t for t in tables if t.ndim == 2]
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    hypotheses = []
+    for first, second in ([threes[0], threes[1]], [threes[1], threes[0]]) if len(threes) == 2 else \
+            ([(threes[0], None)] if len(threes) == 1 else []):
+        for w1 in {id(first): first, **({} if first.shape[2] != d_in else {-1: first.transpose(0, 2, 1)})}.values():
+            if w1.shape[1] != d_in:
+                continue
+            width = w1.shape[2]
+            b1s = [t for t in twos if t.shape[1] == width]
+            if second is None:
+                hypotheses += [(w1, b1, None, None) for b1 in b1s]
+                continue
+            for w2 in (second, second.transpose(0, 2, 1)):
+                if w2.shape[1] != width:
+                    continue
+                b2s = [t for t in twos if t.shape[1] == w2.shape[2]]
+                hypotheses += [(w1, b1, w2, b2) for b1, b2 in itertools.product(b1s, b2s) if b1 is not b2]
+    if not hypotheses:
+        raise NotExtracted("no leaf weight tables of 2^D rows are gathered by the descent")
+    # the region's own output on probe rows, to pick the activation before the formal confirmation
+    session = make_session(index.submodel(region.nodes, region.inputs, [region.y]))
+    x = np.random.default_rng(1).standard_normal(probe_shapes(rank, d_in)[1]).astype(np_dtype)
+    want = torch.from_numpy(np.asarray(evaluate(session, region.feed(index, x), [region.y])[region.y])).double()
+    for w1, b1, w2, b2 in hypotheses:
+        for activation in ACTIVATIONS:
+            spec = FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(W.T), node_bias=to(b),
+                           leaf_w1=to(w1), leaf_b1=to(b1), leaf_w2=None if w2 is None else to(w2),
+                           leaf_b2=None if b2 is None else to(b2), tie=tie, source="hard")
+            got = reference.hard(spec, torch.from_numpy(x)).double()
+            if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(want.abs().max()))):
+                yield spec
+
+
+def _logit(index: GraphIndex, comparison: int) -> str:
+    node = index.nodes[comparison]
+    return node.input[0] if node.op_type in ("Greater", "GreaterOrEqual") else node.input[1]

@@ -1,0 +1,209 @@
+"""The ONNX frontend on files exported by both torch exporters: structure after the rewrite and numbers.
+
+Every positive case must come out with exactly its number of fffcompile nodes and, in ONNX
+Runtime at batch/sequence sizes other than the exported ones, equal (1e-4 relative) both the
+original with its router sigmoids hardened and an independent hard reference: the torch layer's
+own hard (eval) forward or ``reference.hard`` of the spec built from its parameters. The spec
+read back from the rewritten node equals that spec. Look-alikes come out untouched.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
+
+from fffcompile import reference
+from fffcompile.compare import compare
+from fffcompile.nn import FFF
+from fffcompile.onnx.contract import LEAF_LINEAR_TREE, NEURON_TREE, attribute, is_fff_node
+from fffcompile.onnx.files import load_model
+from fffcompile.onnx.harden import harden_sigmoids
+from fffcompile.onnx.onnx_frontend import hardening_of, optimize_onnx
+from fffcompile.onnx.verify import run
+from fffcompile.spec import FFFSpec
+
+import onnx_fixtures as F
+
+POSITIVE = [(name, exporter) for name, case in F.CASES.items() if case.fff_nodes for exporter in case.exporters]
+LOOK_ALIKES = [(name, exporter) for name, case in F.CASES.items() if not case.fff_nodes for exporter in case.exporters]
+
+
+def fff_nodes(model):
+    return [n for n in model.graph.node if is_fff_node(n)]
+
+
+def spec_of_node(model: onnx.ModelProto, node: onnx.NodeProto) -> FFFSpec:
+    """The FFFSpec a rewritten node carries (its weight initializers and attributes)."""
+    weights = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
+    w = [weights[name] for name in node.input[1:]]
+    text = lambda name: attribute(node, name).decode()
+    depth = attribute(node, "depth")
+    if node.op_type == NEURON_TREE:
+        return FFFSpec(form="neuron_tree", depth=depth, activation=text("activation"), node_weight=w[0], node_bias=w[1],
+                       out_weight=w[2], out_bias=w[3], tie=text("tie"), source="hard")
+    if node.op_type == LEAF_LINEAR_TREE:
+        return FFFSpec(form="leaf_mlp", depth=depth, activation=text("activation"), node_weight=w[0], node_bias=w[1],
+                       leaf_w1=w[2], leaf_b1=w[3], tie=text("tie"))
+    return FFFSpec(form="leaf_mlp", depth=depth, activation=text("activation"), node_weight=w[0], node_bias=w[1],
+                   leaf_w1=w[2], leaf_b1=w[3], leaf_w2=w[4], leaf_b2=w[5], tie=text("tie"))
+
+
+def hard_reference(name: str, x: torch.Tensor):
+    """The layer's hard output computed without ONNX: its own eval forward, or reference.hard of its true spec."""
+    module, _ = F.case(name)
+    if name in ("unrolled", "linear_leaves", "fastfeedforward", "hard_tree"):   # (the package's eval forward omits b2s)
+        return reference.hard(F.CASES[name].true_spec(module), x)
+    if name == "soft_tree":
+        return None
+    with torch.no_grad():
+        return copy.deepcopy(module).eval()(x)
+
+
+def other_shapes(name):
+    shape = F.CASES[name].input_shape
+    return [(7,) + shape[1:], (1,) + shape[1:]] if len(shape) == 2 else [(3, 9) + shape[2:], (1, 2) + shape[2:]]
+
+
+@pytest.fixture(scope="module")
+def rewritten():
+    cache = {}
+
+    def get(name, exporter, target="onnx"):
+        key = (name, exporter, target)
+        if key not in cache:
+            original = load_model(F.exported(name, exporter))
+            cache[key] = (original, *optimize_onnx(original, target))
+        return cache[key]
+    return get
+
+
+def assert_close(actual, expected, what):
+    actual, expected = torch.as_tensor(np.asarray(actual)).double(), torch.as_tensor(np.asarray(expected)).double()
+    scale = max(1.0, float(expected.abs().max()))
+    result = compare(actual, expected, atol=1e-5 * scale, rtol=1e-4)
+    assert result.passed, f"{what}: {result.summary()}"
+
+
+@pytest.mark.parametrize("name,exporter", POSITIVE)
+def test_rewrite_structure_and_numbers(rewritten, name, exporter):
+    original, optimized, report = rewritten(name, exporter)
+    nodes = fff_nodes(optimized)
+    assert len(nodes) == F.CASES[name].fff_nodes, str(report)
+    assert len(report.rewritten) == len(nodes)
+    onnx.checker.check_model(optimized)
+    # dynamic leading dims survive
+    for value in optimized.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        assert not dims[0].HasField("dim_value"), f"input {value.name} lost its dynamic batch dim"
+    named, sigmoids, _ = hardening_of(original)
+    hardened = harden_sigmoids(named, sigmoids) if sigmoids else named
+    rng = np.random.default_rng(0)
+    input_name = original.graph.input[0].name
+    for shape in other_shapes(name):
+        x = rng.standard_normal(shape).astype(np.float32)
+        got = next(iter(run(optimized, {input_name: x}).values()))
+        want = next(iter(run(hardened, {input_name: x}).values()))
+        assert_close(got, want, f"{name}/{exporter} vs the hardened original at {shape}")
+        independent = hard_reference(name, torch.from_numpy(x))
+        if independent is not None:
+            assert_close(got, independent, f"{name}/{exporter} vs the layer's own hard forward at {shape}")
+
+
+@pytest.mark.parametrize("name,exporter", [p for p in POSITIVE if F.CASES[p[0]].true_spec])
+def test_extracted_spec_is_the_layers_spec(rewritten, name, exporter):
+    _, optimized, _ = rewritten(name, exporter)
+    module, x = F.case(name)
+    true = F.CASES[name].true_spec(module)
+    (node,) = fff_nodes(optimized)
+    extracted = spec_of_node(optimized, node)
+    assert extracted.same_as(true, atol=1e-5, rtol=1e-4), f"{extracted.describe()} vs {true.describe()}"
+    assert_close(reference.hard(extracted, x), reference.hard(true, x), "reference.hard of both specs")
+
+
+@pytest.mark.parametrize("name,exporter", LOOK_ALIKES)
+def test_look_alikes_untouched(name, exporter):
+    original = load_model(F.exported(name, exporter))
+    optimized, report = optimize_onnx(original, "onnx")
+    assert not fff_nodes(optimized) and not report.rewritten
+    assert [n.op_type for n in optimized.graph.node] == [n.op_type for n in original.graph.node]
+    assert optimized.SerializeToString() == original.SerializeToString()
+
+
+@pytest.mark.parametrize("name", ["not_a_tree", "swapped_children", "gated_residual", "glu"])
+def test_look_alike_refusals_have_reasons(name):
+    _, report = optimize_onnx(load_model(F.exported(name, "dynamo")), "onnx")
+    assert report.left and all(entry.reason for entry in report.left)
+    assert "no FFF layer" in " ".join(report.notes)
+
+
+def test_trt_target_nodes_carry_plugin_attributes(rewritten):
+    _, optimized, _ = rewritten("stack", "legacy", "trt")
+    nodes = fff_nodes(optimized)
+    assert len(nodes) == 3
+    for node in nodes:
+        assert attribute(node, "plugin_namespace") == b"fffcompile" and attribute(node, "plugin_version") == b"1"
+    _, plain, _ = rewritten("stack", "legacy", "onnx")
+    assert all(attribute(n, "plugin_namespace") is None for n in fff_nodes(plain))
+
+
+def test_form_c_keeps_the_master_leaf_and_blend(rewritten):
+    original, optimized, report = rewritten("fff_master", "dynamo")
+    assert [r.form for r in report.rewritten] == ["A"]
+    ops = [n.op_type for n in optimized.graph.node]
+    assert ops.count("LeafMLPTree") == 1
+    assert ops.count("MatMul") == 2 and "Relu" in ops     # the master MLP stays dense
+    (node,) = fff_nodes(optimized)
+    blend = [n for n in optimized.graph.node if node.output[0] in n.input]
+    assert [n.op_type for n in blend] == ["Mul"]          # s(k) * tree(x), then + (1 - s(k)) * master(x)
+
+
+@pytest.mark.parametrize("exporter,opset", [("dynamo", 17), ("legacy", 18), ("legacy", 14)])
+def test_other_opsets(exporter, opset):
+    original = load_model(F.exported("ultrafastbert", exporter, opset))
+    optimized, report = optimize_onnx(original, "onnx")
+    assert len(fff_nodes(optimized)) == 1, str(report)
+
+
+def test_external_data(tmp_path):
+    path = F.exported("fff", "legacy", external_data=True)
+    assert os.path.exists(path + ".data") or any(f.endswith(".data") for f in os.listdir(os.path.dirname(path)))
+    original = load_model(path)
+    optimized, report = optimize_onnx(original, "onnx")
+    assert len(fff_nodes(optimized)) == 1
+
+
+def test_deep_soft_tree_in_seconds():
+    torch.manual_seed(0)
+    module = FFF(32, 16, 10, 4).train()
+    path = F.export(module, torch.randn(3, 32), os.path.join(F._directory(), "deep.onnx"), "legacy")
+    original = load_model(path)
+    start = time.perf_counter()
+    optimized, report = optimize_onnx(original, "onnx", verify=False)
+    elapsed = time.perf_counter() - start
+    assert len(fff_nodes(optimized)) == 1 and report.rewritten[0].depth == 10
+    assert elapsed < 20, f"depth-10 soft tree took {elapsed:.1f} s"
+    x = torch.randn(6, 32)
+    got = next(iter(run(optimized, {original.graph.input[0].name: x.numpy()}).values()))
+    assert_close(got, copy.deepcopy(module).eval()(x).detach(), "depth 10 vs the layer's hard forward")
+
+
+@seed(20261123)
+@settings(max_examples=6, deadline=None)
+@given(depth=st.integers(1, 4), d_in=st.integers(2, 9), width=st.integers(1, 5), d_out=st.integers(1, 6),
+       activation=st.sampled_from(["relu", "gelu", "gelu_tanh", "tanh"]), exporter=st.sampled_from(["legacy", "dynamo"]))
+def test_property_extract_equals_spec(tmp_path_factory, depth, d_in, width, d_out, activation, exporter):
+    """Random FFF layers, exported and read back: the extracted spec is the layer's spec (seed printed by hypothesis)."""
+    torch.manual_seed(depth * 1000 + d_in * 100 + width * 10 + d_out)
+    module = FFF(d_in, d_out, depth, width, activation=activation).train()
+    path = str(tmp_path_factory.mktemp("prop") / "m.onnx")
+    F.export(module, torch.randn(4, d_in), path, exporter)
+    optimized, report = optimize_onnx(load_model(path), "onnx")
+    (node,) = fff_nodes(optimized)
+    assert spec_of_node(optimized, node).same_as(F._spec_fff(module), atol=1e-5, rtol=1e-4)
