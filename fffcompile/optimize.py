@@ -9,7 +9,9 @@ Frontends, in order:
 1. module: submodules whose parameters fit an FFF signature, confirmed against their own
    forward with hardened decisions (works for layers no capture can see);
 2. graph: the remaining model captured with torch.export and searched by dataflow
-   (``fffcompile.passes.graph_frontend``, when present).
+   (``fffcompile.passes.graph_frontend``, when present); when it rewrites, the result is the
+   captured GraphModule and its exactness oracle is the same capture with the rewritten
+   trees' decisions hardened.
 
 Whole-model verify (``verify=True``): on the example inputs, the optimized model against
 (a) the original with the rewritten layers hardened (exactness; a failure returns the model
@@ -102,15 +104,23 @@ def optimize(model: nn.Module, example_inputs, *, example_kwargs: Optional[dict]
         work, rewritten, left, confirmations = rewrite_modules(work, inputs, example_kwargs, min_leaf_agreement, seed)
         report.rewritten += rewritten
         report.left += left
+    graph_hardened = None
     if "graph" in frontends and importlib.util.find_spec("fffcompile.passes.graph_frontend") is not None:
         from .passes import graph_frontend
         work = graph_frontend.rewrite_graph(work, inputs, example_kwargs, report,
                                             min_leaf_agreement=min_leaf_agreement, seed=seed)
-    if verify and confirmations:
-        hardened = copy.deepcopy(model)
-        for name, outcome in confirmations.items():
-            original = hardened.get_submodule(name) if name else hardened
-            hardened = set_submodule(hardened, name, _HardenedOriginal(original, outcome.forward != "eval forward"))
+        carried = work.__dict__.pop(graph_frontend.HARDENED_ATTRIBUTE, None)
+        graph_hardened = carried[0] if carried else None
+    if verify and (confirmations or graph_hardened is not None):
+        if graph_hardened is not None:
+            # the captured graph (module rewrites, each confirmed on its own, already fused inside) with
+            # the graph-rewritten trees' decisions hardened
+            hardened = graph_hardened
+        else:
+            hardened = copy.deepcopy(model)
+            for name, outcome in confirmations.items():
+                original = hardened.get_submodule(name) if name else hardened
+                hardened = set_submodule(hardened, name, _HardenedOriginal(original, outcome.forward != "eval forward"))
         with torch.no_grad():
             optimized_out = _first_tensor(work(*inputs, **(example_kwargs or {})))
             hardened_out = _first_tensor(hardened(*inputs, **(example_kwargs or {})))

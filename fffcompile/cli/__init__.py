@@ -13,7 +13,7 @@ import sys
 import traceback
 
 # Subcommand modules, in the order --help lists them.
-SUBCOMMANDS: tuple[str, ...] = ("bench",)
+SUBCOMMANDS: tuple[str, ...] = ("export", "inspect", "verify", "bench")
 
 
 class _Parser(argparse.ArgumentParser):

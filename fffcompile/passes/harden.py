@@ -1,6 +1,7 @@
 """Harden a module's own soft forward: every data-dependent sigmoid becomes a step.
 
-Under ``hardened_sigmoids()``, s(z) -> [z >= 0] and log s(z) -> log [z >= 0] (0 or -inf), for
+Under ``hardened_sigmoids()``, s(z) -> [z >= 0] and log s(z) -> 0 or -1e4 (log [z >= 0], finite so
+that a path sum written as a matmul with a 0/1 path matrix never meets 0 * -inf), for
 torch.sigmoid, Tensor.sigmoid, torch.special.expit, F.sigmoid, nn.Sigmoid and F.logsigmoid.
 A soft FFF evaluated so is its hard descent (FORMS.md: "hard = soft with every p_n replaced by
 the step"), which is the exact oracle a rewrite is confirmed against.
@@ -31,5 +32,5 @@ class hardened_sigmoids(TorchFunctionMode):
             z = args[0]
             self.hardened += 1
             step = (z >= 0).to(z.dtype)
-            return step.log() if func in _LOG_SIGMOIDS else step
+            return (step - 1) * 1.0e4 if func in _LOG_SIGMOIDS else step
         return func(*args, **kwargs)

@@ -1,0 +1,172 @@
+"""Form A / C extraction: the FFFSpec of a soft leaf-MLP tree region, its weights read back by numbers.
+
+Exporters fold parameter slices into generated initializers (per level, per leaf, transposed),
+so weights are reassembled from what the region computes, never from names:
+
+1. Router logits z (the inputs of the anchor sigmoids) and leaf pre-activations a (the ends of
+   the projection chains of X that are not router logits, ``linear_chains``) are evaluated on
+   the probe rows X = 0, e_1 .. e_d, and random rows: z = x C + b gives node_weight = C^T and
+   node_bias = b, with the columns of the sigmoid tensors concatenated in heap order
+   (``detect``); a = x W1 + b1 gives leaf_w1 / leaf_b1 with the columns leaf-major
+   (leaf j owns columns j l .. j l + l - 1). The random rows check that both are affine.
+2. The activation h = act(a) is identified numerically (``activation_match``).
+3. The region is cut at the sigmoid outputs p and at h, which become inputs: with p set to the
+   0/1 pattern of leaf j's path (mu_j = 1, every other mu = 0) the region computes leaf j's
+   second layer on h: y = h W2_j + b2_j. Rows h = 0 and h = e_k (k among leaf j's columns)
+   read b2_j and W2_j. A tree whose leaves are single linear layers shows W2_j = I, b2_j = 0:
+   the spec then has linear leaves.
+
+What this does not prove: that the region is a tree at all, or that heap order is right; the
+spec is only a hypothesis until ``confirm`` has run the hardened region against
+``reference.hard``. A region without leaf pre-activations (a mixture alone) is refused here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import InvalidModelError
+from ..spec import FFFSpec
+from .activation_match import elementwise_closure, match_activation
+from .contract import torch_dtype
+from .graph_index import GraphIndex, evaluate, make_session
+from .linear_chains import chain_ends, projected_tensors, static_tensors
+from .probes import columns, feed_shape, shaped, x_layout
+from .region import Region
+
+PROBE_BUDGET = 1 << 25      # floats per probe run (region values), to bound memory on deep trees
+
+
+class NotExtracted(Exception):
+    """The region is not (or not provably) the form this extractor reads; the message says why."""
+
+
+def affine_probes(d_in: int, extra: int = 3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate([np.zeros((1, d_in)), np.eye(d_in), rng.standard_normal((extra, d_in))])
+
+
+def read_affine(values: np.ndarray, probes: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(W (d_in, k), b (k,)) from a value's (R, k) probe rows, checked on the random rows."""
+    d_in = probes.shape[1]
+    values = values.astype(np.float64)
+    b = values[0]
+    W = values[1:d_in + 1] - b
+    check = probes[d_in + 1:] @ W + b
+    scale = max(1.0, float(np.abs(values).max()))
+    if not np.allclose(check, values[d_in + 1:], rtol=1e-4, atol=1e-4 * scale):
+        raise NotExtracted(f"{what} is not an affine function of the FFF input")
+    return W, b
+
+
+def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) -> FFFSpec:
+    rank, d_in = x_layout(index.shape(region.x))
+    elem = index.elem_type(region.x)
+    try:
+        dtype = torch_dtype(elem)
+    except KeyError:
+        raise NotExtracted("the FFF input is not a floating-point tensor")
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    static = static_tensors(index)
+    z_names = [index.nodes[i].input[0] for i in sigmoids]
+    p_names = [index.nodes[i].output[0] for i in sigmoids]
+    projected = projected_tensors(index, region.x, region.x_nodes, static)
+    ends = [t for t in chain_ends(index, projected, region.nodes) if t not in z_names]
+    if not ends:
+        raise NotExtracted("no leaf computation reads the FFF input (a mixture of router outputs only)")
+
+    # 1. taps: router logits, leaf pre-activations and every candidate activation value
+    closures = {a: elementwise_closure(index, a, region.nodes) for a in ends}
+    taps = list(dict.fromkeys(z_names + ends + [v for vs in closures.values() for v in vs]))
+    probes = affine_probes(d_in)
+    rows = probes.shape[0]
+    model = index.submodel(index.backward_slice(taps, stop={region.x}) & region.nodes, region.inputs, taps)
+    values = evaluate(model, region.feed(index, shaped(probes.astype(np_dtype), rank)), taps)
+    z_cols = [columns(values[z], rows) for z in z_names]
+    widths = [c.shape[1] for c in z_cols]
+    order = sorted(range(len(z_names)), key=lambda k: (widths[k], sigmoids[k]))
+    z_all = np.concatenate([z_cols[k] for k in order], 1)
+    node_w, node_b = read_affine(z_all, probes, "a router logit")
+    n_nodes = node_w.shape[1]
+    depth = (n_nodes + 1).bit_length() - 1
+    if 2 ** depth - 1 != n_nodes:
+        raise NotExtracted(f"{n_nodes} router columns is not 2^D - 1 for any depth D")
+    leaves = 2 ** depth
+
+    # 2. leaf first layer and activation
+    acts, h_names, w1_parts, b1_parts = set(), [], [], []
+    for a in ends:
+        a_cols = columns(values[a], rows)
+        W, b = read_affine(a_cols, probes, "a leaf pre-activation")
+        act, h = match_activation(values[a], {v: values[v] for v in closures[a]})
+        acts.add(act)
+        h_names.append(h or a)
+        w1_parts.append(W)
+        b1_parts.append(b)
+    if len(acts) != 1:
+        raise NotExtracted(f"the leaves use different activations ({', '.join(sorted(acts))})")
+    activation = acts.pop()
+    W1, b1 = np.concatenate(w1_parts, 1), np.concatenate(b1_parts)
+    if W1.shape[1] % leaves:
+        raise NotExtracted(f"{W1.shape[1]} leaf hidden units do not split into {leaves} leaves")
+    width = W1.shape[1] // leaves
+    leaf_w1 = W1.reshape(d_in, leaves, width).transpose(1, 0, 2)
+    leaf_b1 = b1.reshape(leaves, width)
+
+    # 3. second layer: cut at p and h, one leaf selected per row
+    h_shapes = [values[h].shape for h in h_names]
+    h_widths = [columns(values[h], rows).shape[1] for h in h_names]
+    p_shapes = [values[z].shape for z in z_names]
+    y_width, W2, b2 = None, np.zeros((leaves, width, 0)), np.zeros((leaves, 0))
+    cut = set(p_names) | set(h_names) | {region.x}
+    nodes = index.backward_slice([region.y], stop=cut | set(region.shape_sources)) & region.nodes
+    second = make_session(index.submodel(nodes, [*region.inputs, *p_names, *h_names], [region.y]))
+    per_leaf = width + 1
+    d_out_guess = max(1, index.shape(region.y)[-1] if index.shape(region.y) and isinstance(index.shape(region.y)[-1], int) else d_in)
+    chunk_leaves = max(1, PROBE_BUDGET // max(1, per_leaf * leaves * (width + d_out_guess) * 2))
+    outputs = []
+    for start in range(0, leaves, chunk_leaves):
+        block = list(range(start, min(leaves, start + chunk_leaves)))
+        R = len(block) * per_leaf
+        p_rows = np.zeros((R, n_nodes))
+        h_rows = np.zeros((R, leaves * width))
+        for b, j in enumerate(block):
+            path = _path_pattern(depth, j)
+            p_rows[b * per_leaf:(b + 1) * per_leaf] = path
+            for k in range(width):
+                h_rows[b * per_leaf + 1 + k, j * width + k] = 1.0
+        feeds = region.feed(index, shaped(np.zeros((R, d_in), np_dtype), rank))
+        offset = 0
+        for k in order:      # heap-ordered columns back to each sigmoid's own tensor
+            w = widths[k]
+            feeds[p_names[k]] = p_rows[:, offset:offset + w].astype(np_dtype).reshape(feed_shape(p_shapes[k], rows, R))
+            offset += w
+        offset = 0
+        for name, shape, w in zip(h_names, h_shapes, h_widths):
+            feeds[name] = h_rows[:, offset:offset + w].astype(np_dtype).reshape(feed_shape(shape, rows, R))
+            offset += w
+        y = columns(evaluate(second, feeds, [region.y])[region.y], R).astype(np.float64)
+        outputs.append(y.reshape(len(block), per_leaf, -1))
+    y = np.concatenate(outputs)                      # (L, l + 1, d_out)
+    leaf_b2 = y[:, 0]
+    leaf_w2 = y[:, 1:] - leaf_b2[:, None]
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    linear = (activation == "identity" and width == leaf_b2.shape[1]
+              and np.allclose(leaf_w2, np.eye(width)[None], atol=1e-5) and np.allclose(leaf_b2, 0, atol=1e-6))
+    return FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(node_w.T), node_bias=to(node_b),
+                   leaf_w1=to(leaf_w1), leaf_b1=to(leaf_b1),
+                   leaf_w2=None if linear else to(leaf_w2), leaf_b2=None if linear else to(leaf_b2),
+                   tie="ge", source="soft")
+
+
+def _path_pattern(depth: int, leaf: int) -> np.ndarray:
+    """Router outputs (heap order) that send every row to ``leaf``: 1 = right, off-path nodes 0."""
+    p = np.zeros(2 ** depth - 1)
+    node = 0
+    for level in range(depth):
+        bit = (leaf >> (depth - 1 - level)) & 1
+        p[node] = bit
+        node = 2 * node + 1 + bit
+    return p

@@ -1,0 +1,287 @@
+"""The ONNX frontend: find FFF layers in an ONNX model, confirm them by numbers, replace each by one node.
+
+    model, report = optimize_onnx(onnx.load("model.onnx"), target="trt")
+
+1. ``detect``: anchors (router sigmoids of one input X; a neuron tree's comparison with 0);
+2. ``region``: the closed subgraph X -> Y around each candidate, smallest first;
+3. ``extract_leaf_tree`` / ``extract_neuron_tree``: the FFFSpec, weights read back by numbers;
+4. ``confirm``: the cut-out region (sigmoids hardened) against ``reference.hard`` on probes;
+5. rewrite: the region's nodes that depend on X are removed (and the constants only they read),
+   one ``fff_node(spec, X, Y)`` takes their place with Y's name, so every consumer and the rest
+   of the graph are untouched; ``insert_fff_nodes`` adds the functions, imports and IR version.
+   Form C: the first closed region over the routers is the tree alone; the master leaf and the
+   blend s(k) stay as they are.
+6. with ``verify``: the whole rewritten model against the original with the rewritten FFFs'
+   sigmoids hardened (exactness) and against the soft original (fidelity), in ONNX Runtime on
+   generated inputs or the user's; a failure raises ``VerificationError``.
+
+Every candidate not rewritten is reported with its reason (``Report.left``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Union
+
+import numpy as np
+import onnx
+
+from ..errors import InvalidModelError, VerificationError
+from ..report import Left, Report, Rewritten
+from ..spec import FFFSpec
+from .attach import insert_fff_nodes, raise_opset
+from .confirm import confirm
+from .contract import check_target
+from .detect import Candidate, find_candidates
+from .extract_leaf_tree import NotExtracted, extract_leaf_tree
+from .extract_neuron_tree import extract_neuron_tree
+from .graph_index import GraphIndex
+from .linear_chains import chain_ends, projected_tensors, static_tensors
+from .node import fff_node
+from .region import Region, candidate_regions
+
+
+@dataclass
+class Found:
+    candidate: Candidate
+    region: Region
+    spec: FFFSpec
+    comparison: object
+    sigmoids: list[str]         # names of the router sigmoids (hardened to verify); [] for form B
+
+
+def _log(progress: Optional[Callable[[str], None]], message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def _name_anchors(model: onnx.ModelProto) -> None:
+    """Give unnamed Sigmoid nodes a name (hardening finds them by name); nothing else changes."""
+    names = {n.name for n in model.graph.node}
+    k = 0
+    for node in model.graph.node:
+        if node.op_type == "Sigmoid" and not node.name:
+            while f"fffcompile_sigmoid_{k}" in names:
+                k += 1
+            node.name = f"fffcompile_sigmoid_{k}"
+            names.add(node.name)
+
+
+def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
+                previous: Optional[Found] = None) -> tuple[Optional[Found], list[str]]:
+    """Extract and confirm; with ``previous`` (a confirmed region that ``region`` extends by layout ops
+    only) its spec is confirmed on the larger region without extracting again."""
+    reasons = []
+    x_shape, y_shape = index.shape(region.x), index.shape(region.y)
+    if x_shape is not None and y_shape is not None and len(x_shape) != len(y_shape):
+        return None, [f"{region.y!r} has rank {len(y_shape)}, the input {region.x!r} rank {len(x_shape)}"]
+    try:
+        if previous is not None:
+            specs, sigmoids = [previous.spec], previous.sigmoids
+        elif candidate.form == "A":
+            specs = [extract_leaf_tree(index, region, candidate.anchors)]
+            sigmoids = [index.nodes[i].name for i in candidate.anchors]
+        else:
+            specs = extract_neuron_tree(index, region, candidate.anchors[0], candidate.tie)
+            sigmoids = []
+        for spec in specs:
+            comparison, why = confirm(index, region, spec, sigmoids)
+            if not why:
+                return Found(candidate, region, spec, comparison, sigmoids), []
+            reasons.append(why)
+    except (NotExtracted, InvalidModelError) as error:
+        reasons.append(f"at {region.y!r}: {error}")
+    except Exception as error:  # a probe that does not run: not this region
+        reasons.append(f"at {region.y!r}: probing failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+    return None, reasons
+
+
+# What may follow a confirmed FFF inside a larger confirmed one: layout (restoring the input's leading
+# dims) and, for a neuron tree whose masked activations were found first, its output projection.
+_LAYOUT_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Gather", "Slice", "Concat",
+               "Constant", "Cast")
+_PROJECTION_OPS = ("MatMul", "Gemm", "Einsum", "Add")
+
+
+def _extends(index: GraphIndex, smaller: Region, larger: Region, form: str) -> bool:
+    """Whether ``larger`` is ``smaller`` followed by layout ops (and, form B, an output projection) only."""
+    if not smaller.x_nodes <= larger.nodes:
+        return False
+    allowed = _LAYOUT_OPS + (_PROJECTION_OPS if form == "B" else ())
+    return all(index.nodes[i].op_type in allowed for i in larger.x_nodes - smaller.x_nodes)
+
+
+def other_uses(index: GraphIndex, candidate: Candidate) -> set[str]:
+    """Values computed from the candidate's input by something other than its decisions: outputs of the
+    non-chain readers of X's projections that are not anchors (leaf activations; a neuron tree's activation)."""
+    static = static_tensors(index)
+    forward = index.forward_from(candidate.x)
+    projected = projected_tensors(index, candidate.x, forward, static)
+    anchors = set(candidate.anchors)
+    uses = set()
+    for t in chain_ends(index, projected, forward):
+        for i in index.consumers.get(t, ()):
+            node = index.nodes[i]
+            if i in anchors or node.op_type in ("Shape", "Size") or i not in forward:
+                continue
+            if all(o in projected for o in node.output if o):
+                continue
+            uses.update(o for o in node.output if o)
+    return uses
+
+
+def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]:
+    """Confirmed FFFs (disjoint regions) and the candidates left, with reasons."""
+    found, left, taken = [], [], set()
+    for candidate in find_candidates(index):
+        where = candidate.where(index)
+        if any(a in taken for a in candidate.anchors):
+            continue
+        reasons = []
+        result = None
+        outputs = [index.nodes[i].output[0] for i in candidate.anchors]
+        for region, why in candidate_regions(index, candidate.x, outputs, other_uses(index, candidate)):
+            if region is None:
+                if result is None:
+                    reasons.append(why)
+                continue
+            if region.x_nodes & taken:
+                reasons.append(f"{region.y!r} overlaps an FFF already found")
+                continue
+            if result is not None and not _extends(index, result.region, region, candidate.form):
+                break
+            layout_only = result is not None and _extends(index, result.region, region, "A")
+            attempt, why = _try_region(index, candidate, region, result if layout_only else None)
+            if os.environ.get("FFFCOMPILE_DEBUG"):
+                print(f"fffcompile onnx: {where} at {region.y!r}: {'confirmed' if attempt else why}", file=sys.stderr)
+            if attempt is not None:
+                result = attempt        # a larger confirmed region (an output projection, a reshape) wins
+            elif result is not None:
+                break
+            else:
+                reasons.extend(why)
+        if result is None:
+            reason = reasons[-1] if reasons else "no closed subgraph depends on all of its decisions"
+            nearest = next((r for r in reversed(reasons) if "differs from the extracted" in r), None)
+            left.append(Left(where, reason, near_miss=nearest if nearest != reason else None, frontend="onnx"))
+            continue
+        _log(progress, f"found {result.spec.describe()} at {where}")
+        found.append(result)
+        taken |= result.region.x_nodes
+    return found, left
+
+
+def rewrite(model: onnx.ModelProto, index: GraphIndex, found: list[Found], target: str) -> onnx.ModelProto:
+    """``model`` with every found region replaced by its fffcompile node (in place; returned)."""
+    graph = model.graph
+    removed = set()
+    for f in found:
+        removed |= f.region.x_nodes
+    # constant nodes of the regions go when nothing else reads them any more
+    candidates = set().union(*(f.region.nodes - f.region.x_nodes for f in found)) if found else set()
+    kept = [i for i in range(len(index.nodes)) if i not in removed]
+    changed = True
+    while changed:
+        changed = False
+        read = {name for i in kept for name in _inputs(index.nodes[i])} | index.graph_outputs
+        for i in list(candidates):
+            if i in kept and not any(o in read for o in index.nodes[i].output if o):
+                kept.remove(i)
+                candidates.discard(i)
+                removed.add(i)
+                changed = True
+    removed_inputs = {name for i in removed for name in _inputs(index.nodes[i])}
+    names = {n.name for n in graph.node} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    fff_nodes = []
+    for k, f in enumerate(found):
+        name = f"fff_{k}"
+        while any(n.startswith(name) for n in names):
+            name += "_"
+        names.add(name)
+        fff_nodes.append(fff_node(f.spec, f.region.x, f.region.y, target=target, name=name))
+    new_nodes = [index.nodes[i] for i in kept]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    read = {name for n in graph.node for name in _inputs(n)} | {o.name for o in graph.output}
+    initializers = [t for t in graph.initializer if t.name in read or t.name not in removed_inputs]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    alive = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {f.region.y for f in found}
+    infos = [v for v in graph.value_info if v.name in alive]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    return insert_fff_nodes(model, fff_nodes, target)
+
+
+def _inputs(node: onnx.NodeProto):
+    from .graph_index import node_inputs
+    return node_inputs(node)
+
+
+def hardening_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str], list]:
+    """For verifying a rewrite of ``model``: (a copy of model with its anchors named, {router sigmoid: tie},
+    [(spec, input value)] for the near-tie checks) of every FFF the frontend confirms in it."""
+    working = onnx.ModelProto()
+    working.CopyFrom(model)
+    _name_anchors(working)
+    index = GraphIndex(working)
+    found, _ = find_ffs(index)
+    return (working, {name: f.spec.tie for f in found for name in f.sigmoids},
+            [(f.spec, f.region.x) for f in found])
+
+
+def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool = True,
+                  inputs: Union[None, str, Mapping[str, np.ndarray]] = None, atol: Optional[float] = None,
+                  rtol: Optional[float] = None, progress: Optional[Callable[[str], None]] = None
+                  ) -> tuple[onnx.ModelProto, Report]:
+    """The model with every confirmed FFF replaced by one fffcompile node, and the report (see module doc).
+
+    ``model`` is not modified. Nothing found: a copy of ``model`` and a report that says so.
+    """
+    check_target(target)
+    start = time.perf_counter()
+    working = onnx.ModelProto()
+    working.CopyFrom(model)
+    working = raise_opset(working)
+    _name_anchors(working)
+    original = onnx.ModelProto()
+    original.CopyFrom(working)
+    _log(progress, f"analysing {len(working.graph.node)} nodes")
+    index = GraphIndex(working)
+    found, left = find_ffs(index, progress)
+    report = Report(left=left)
+    if not found:
+        report.notes.append("no FFF layer was found to rewrite; the model is unchanged")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy, report
+    _log(progress, f"rewriting {len(found)} FFF layer(s)")
+    optimized = rewrite(working, index, found, target)
+    try:
+        onnx.checker.check_model(optimized)
+    except onnx.checker.ValidationError as error:
+        raise InvalidModelError(f"the rewritten model does not pass onnx.checker: {str(error).splitlines()[0]}") from error
+    for f in found:
+        spec = f.spec
+        report.rewritten.append(Rewritten(
+            where=f.candidate.where(index), form=spec.form_letter, depth=spec.depth, trees=spec.trees, d_in=spec.d_in,
+            d_out=spec.d_out, source=spec.source, frontend="onnx", exactness=f.comparison, fidelity=None,
+            speedup_bound=spec.soft_macs() / max(1, spec.hard_macs()), description=spec.describe(),
+            notes=(f"replaced {len(f.region.x_nodes)} nodes from {f.region.x!r} to {f.region.y!r}",)))
+    if verify:
+        _log(progress, "verifying the rewritten model in ONNX Runtime")
+        from .verify import verify_models
+        ties = {name: f.spec.tie for f in found for name in f.sigmoids}
+        checks = [(f.spec, f.region.x) for f in found]
+        result = verify_models(original, optimized, sigmoids=ties, inputs=inputs, tie_checks=checks, atol=atol,
+                               rtol=rtol)
+        report.model_check = {f"exactness {k}": c for k, c in result.exactness.items()}
+        report.model_check.update({f"fidelity {k}": c for k, c in (result.fidelity or {}).items()})
+        if not result.passed:
+            failed = "; ".join(f"output {k}: {c.summary()}" for k, c in result.exactness.items() if not c.passed)
+            raise VerificationError(f"the rewritten model differs from the original with hardened decisions ({failed})",
+                                    next(iter(result.exactness.values()), None))
+    report.notes.append(f"ONNX frontend: {time.perf_counter() - start:.2f} s")
+    return optimized, report

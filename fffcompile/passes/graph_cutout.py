@@ -1,0 +1,259 @@
+"""A candidate cut out of the captured graph as its own small program: x -> y.
+
+The cut-out holds the nodes y needs, back to x (not past it), in topological order:
+- nodes reached from x: run per call;
+- constants (parameters, buffers and whatever is computed from them alone): evaluated once
+  and cached per graph (``ConstantCache``), so many candidates share one evaluation;
+- sizes read from other graph inputs (``sym_size`` of the model input in a reshape): read
+  from the symbolic shape of x, so the cut-out runs on probe batches of any size;
+- any other tensor it reads from outside: the candidate is refused (it is not a function of x).
+
+``run(x, overrides=..., harden=...)`` evaluates it with chosen node values replaced
+(``overrides``: node -> tensor) and chosen sigmoid-like decisions hardened (s(z) -> [z >= 0]
+or [z > 0], log s(z) -> 0 or -1e4 (finite: a path sum written as a matmul with a 0/1 matrix
+must not meet 0 * -inf), per the tie rule), in float64 on request (constants cast,
+float32 factory defaults switched) so that extracted weights are exact to float32 rounding.
+No module is copied and no graph is built: a cut-out costs its node count per call.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Callable, Optional
+
+import sympy
+import torch
+from torch import fx
+
+from .graph_canonical import GraphFacts, meta_val
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class NotAFunctionOfX(Exception):
+    pass
+
+
+class ConstantCache:
+    """Values of the graph's constant nodes, evaluated on demand and kept."""
+
+    def __init__(self, facts: GraphFacts):
+        self.facts, self.values, self.doubles = facts, {}, {}
+
+    def get(self, node: fx.Node, double: bool):
+        if node not in self.values:
+            for n in sorted(self.facts.ancestors([node]), key=self.facts.index.__getitem__):
+                if n not in self.values:
+                    self.values[n] = _execute(self.facts.gm, n, lambda a: self.values[a])
+        value = self.values[node]
+        if not double:
+            return value
+        if node not in self.doubles:
+            self.doubles[node] = value.double() if isinstance(value, torch.Tensor) and value.dtype in _FLOATS else value
+        return self.doubles[node]
+
+
+def _map(args, lookup):
+    return fx.node.map_arg(args, lookup)
+
+
+def _execute(gm: fx.GraphModule, n: fx.Node, lookup: Callable, double: bool = False):
+    if n.op == "get_attr":
+        value = gm
+        for part in n.target.split("."):
+            value = getattr(value, part)
+        return value.detach() if isinstance(value, torch.Tensor) else value
+    args, kwargs = _map(n.args, lookup), _map(n.kwargs, lookup)
+    if double and kwargs.get("dtype") in _FLOATS:
+        kwargs = {**kwargs, "dtype": torch.float64}
+    if n.op == "call_function":
+        return n.target(*args, **kwargs)
+    if n.op == "call_method":
+        return getattr(args[0], n.target)(*args[1:], **kwargs)
+    if n.op == "call_module":
+        return gm.get_submodule(n.target)(*args, **kwargs)
+    raise NotAFunctionOfX(f"cannot evaluate a {n.op} node on its own")
+
+
+def hard_step(z: torch.Tensor, tie: str) -> torch.Tensor:
+    return ((z >= 0) if tie == "ge" else (z > 0)).to(z.dtype)
+
+
+LOG_ZERO = -1.0e4   # a hardened log-sigmoid: log s(z) for |z| -> inf is 0 or -|z|; exp(-1e4) = 0 and 0 * -1e4 = 0
+
+
+def hard_log(step: torch.Tensor) -> torch.Tensor:
+    """log of a 0/1 step, with log 0 taken as -1e4 (finite, so that path sums through 0/1 matrices stay exact)."""
+    return (1 - step) * LOG_ZERO
+
+
+class Cutout:
+    def __init__(self, facts: GraphFacts, constants: ConstantCache, x: fx.Node, y: fx.Node):
+        self.facts, self.constants, self.x, self.y = facts, constants, x, y
+        from_x = facts.descendants([x])
+        needed, stack = set(), [y]
+        self.constant_nodes, self.sizes = set(), {}
+        while stack:
+            n = stack.pop()
+            if n in needed:
+                continue
+            needed.add(n)
+            if n is x:
+                continue
+            if n not in from_x:
+                val = meta_val(n)
+                if not facts.touches_input[n]:
+                    self.constant_nodes.add(n)
+                    continue
+                if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool):
+                    self.sizes[n] = val
+                    continue
+                if not facts.depends[n]:          # a factory sized by another input: run per call
+                    from_x.add(n)
+                    stack.extend(n.all_input_nodes)
+                    continue
+                raise NotAFunctionOfX(f"the subgraph reads {n.name} ({facts.name[n]}), which does not come from its input")
+            stack.extend(n.all_input_nodes)
+        self.nodes = sorted((n for n in needed if n in from_x and n is not x), key=facts.index.__getitem__)
+        x_val = meta_val(x)
+        self.x_shape = tuple(x_val.shape) if isinstance(x_val, torch.Tensor) else None
+        self.last_use = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                self.last_use[a] = i
+
+    # ------------------------------------------------------------------ shapes
+    def probe_shape(self, rows: int) -> tuple[int, ...]:
+        """A shape for ``rows`` probe rows: x's shape with its first dim scaled (when it is symbolic)."""
+        shape = [int(d.node.hint) if isinstance(d, torch.SymInt) else int(d) for d in self.x_shape]
+        if not self.batch_symbolic():
+            return tuple(shape)      # a static capture runs on probe batches of the example's shape only
+        if len(shape) == 1:
+            return (rows,) if rows else tuple(shape)
+        per = math.prod(shape[1:-1]) or 1
+        shape[0] = max(1, -(-rows // per))
+        return tuple(shape)
+
+    def batch_symbolic(self) -> bool:
+        return self.x_shape is not None and len(self.x_shape) >= 2 and isinstance(self.x_shape[0], torch.SymInt) \
+            and isinstance(self.x_shape[0].node.expr, sympy.Symbol)
+
+    def _size_values(self, shape) -> dict:
+        bindings = {}
+        for d, v in zip(self.x_shape, shape):
+            if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
+                bindings[d.node.expr] = v
+        out = {}
+        for n, val in self.sizes.items():
+            if isinstance(val, int):
+                out[n] = val
+                continue
+            expr = val.node.expr
+            expr = expr.xreplace(bindings) if isinstance(expr, sympy.Basic) else expr
+            if isinstance(expr, sympy.Basic) and expr.free_symbols:
+                raise NotAFunctionOfX(f"the subgraph reads the size {n.name} that x's shape does not determine")
+            out[n] = int(expr)
+        return out
+
+    # ------------------------------------------------------------------ running
+    def run(self, x: torch.Tensor, overrides: Optional[dict] = None, harden: Optional[dict] = None,
+            double: bool = False, want: Optional[list] = None):
+        """y for input x (or the values of the ``want`` nodes); ``overrides``: node -> value;
+        ``harden``: decision node -> tie ("ge"/"gt")."""
+        overrides, harden = overrides or {}, harden or {}
+        want = [self.y] if want is None else list(want)
+        keep = set(want)
+        pending = {n for n in want if n is not self.x}
+        env = {self.x: x}
+        env.update(self._size_values(tuple(x.shape)))
+        constants, double_mode = self.constants, double
+
+        def lookup(a):
+            if a in env:
+                return env[a]
+            return constants.get(a, double_mode)
+
+        saved = torch.get_default_dtype()
+        if double:
+            torch.set_default_dtype(torch.float64)
+        try:
+            with torch.no_grad():
+                for i, n in enumerate(self.nodes):
+                    if not pending:
+                        break
+                    if n in overrides:
+                        env[n] = overrides[n]
+                    elif n in harden:
+                        z = lookup(n.args[0])
+                        step = hard_step(z, harden[n])
+                        env[n] = hard_log(step) if self.facts.name[n] in ("log_sigmoid", "logsigmoid") else step
+                    else:
+                        env[n] = _execute(self.facts.gm, n, lookup, double)
+                    pending.discard(n)
+                    for a in n.all_input_nodes:
+                        if self.last_use.get(a) == i and a is not self.x and a not in self.sizes and a in env \
+                                and a not in keep:
+                            del env[a]
+                return [env[n] for n in want]
+        finally:
+            torch.set_default_dtype(saved)
+
+    def layout(self, node: fx.Node):
+        """How a node holds x's rows: ("lead", k) (x's k leading dims first), ("axis", a) (the rows
+        flattened into dim a), with the per-row feature shape; None when it does not hold them."""
+        from .graph_canonical import hint_shape
+        shape, x_shape = hint_shape(node), hint_shape(self.x)
+        if shape is None or x_shape is None:
+            return None
+        lead = x_shape[:-1]
+        if len(shape) >= len(lead) and shape[:len(lead)] == lead:
+            return ("lead", len(lead)), shape[len(lead):]
+        rows = math.prod(lead)
+        axes = [a for a, d in enumerate(shape) if d == rows]
+        if axes and axes[0] == 0:
+            axes = [0]                 # rows first when a feature dim happens to equal the row count
+        if len(axes) == 1:
+            a = axes[0]
+            return ("axis", a), shape[:a] + shape[a + 1:]
+        return None
+
+    def features(self, node: fx.Node) -> Optional[tuple[int, ...]]:
+        found = self.layout(node)
+        return None if found is None else found[1]
+
+    def _laid_out(self, node, values: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+        (mode, k), feats = self.layout(node)
+        if mode == "lead" and k == len(lead):
+            return values.reshape(*lead, *feats)
+        return values.reshape(math.prod(lead), *feats).movedim(0, k if mode == "axis" else 0)
+
+    def _read(self, node, value: torch.Tensor, total: int) -> torch.Tensor:
+        found = self.layout(node)
+        if found is not None and found[0][0] == "axis":
+            value = value.movedim(found[0][1], 0)
+        return value.reshape(total, -1)
+
+    def run_rows(self, X: torch.Tensor, overrides: Optional[dict] = None, chunk: int = 1024,
+                 want: Optional[list] = None, **kwargs):
+        """Run on rows X (R, d_in), chunked; ``overrides``: node -> per-row values (R, ...).
+        Returns y per row (R, features of y) flattened, or a list of such for the ``want`` nodes."""
+        overrides = overrides or {}
+        nodes = [self.y] if want is None else list(want)
+        if not self.batch_symbolic():
+            chunk = max(1, math.prod(self.probe_shape(1)[:-1]))
+        outs = []
+        for start in range(0, X.shape[0], chunk):
+            rows = X[start:start + chunk]
+            R = rows.shape[0]
+            shape = self.probe_shape(R)
+            total = math.prod(shape[:-1])
+
+            def pad(t):
+                return t if total == R else torch.cat([t, t[:1].expand(total - R, *t.shape[1:])])
+
+            x = pad(rows).reshape(shape)
+            local = {n: self._laid_out(n, pad(v[start:start + chunk]), shape[:-1]) for n, v in overrides.items()}
+            values = self.run(x, overrides=local, want=nodes, **kwargs)
+            outs.append([self._read(n, v, total)[:R] for n, v in zip(nodes, values)])
+        result = [torch.cat([o[i] for o in outs]) for i in range(len(nodes))]
+        return result[0] if want is None else result

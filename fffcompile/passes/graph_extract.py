@@ -1,0 +1,263 @@
+"""Extract an FFFSpec from a cut-out candidate by evaluating it, never by reading names.
+
+Every weight is read as the coefficients of an affine map, evaluated on the cut-out in float64
+on chosen rows, with chosen intermediate values overridden (``Cutout.run_rows``):
+
+- node logits z = x W^T + b: the logit sources evaluated on x = 0 and x = e_i (d_in + 1 rows),
+  checked affine on random rows; their features, in anchor order, are the heap-ordered nodes
+  (a learned threshold, z - t, is simply part of the bias);
+- form A leaves: the pre-activations a = x W1 + b1 the same way; then, with the node logits
+  overridden to 0 (every leaf weighted 2^-D) and the activations overridden to 0 and to each
+  unit vector e_c, y is affine in the activations: its coefficients are W2 / 2^D for each
+  hidden unit. Overriding the logits with random values instead scales each unit's row by its
+  leaf's weight mu_j, which tells which leaf each unit belongs to, whatever the layout.
+  b2_j: activations 0, logits forced (+-T, hardened) along leaf j's path. Leaves without an
+  activation (linear leaves): per leaf, x = 0 and e_i with the path forced;
+- form B: node weights as above; for each neuron column c, activations e_c with the logits
+  forced along a path through c (level-uniform signs, so no topology is assumed beyond heap
+  order), y(e_c) - y(0) is c's output row, y(0) the output bias.
+
+Extraction assumes heap order (per-level or flat node tensors, leaves in storage order); a
+graph that means something else (children swapped, paths that are not a tree) yields a spec
+that confirmation by numbers then rejects. A refusal is a string with the reason.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import fx
+
+from ..errors import InvalidSpecError
+from ..spec import FFFSpec, is_power_of_two
+from .graph_anchor import Candidate
+from .graph_canonical import GraphFacts, SHAPE_ONLY
+from .graph_cutout import Cutout
+
+_T = 40.0                  # |logit| that saturates a sigmoid in float64
+_ACTS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "tanh": "tanh"}
+
+
+def _basis(d_in: int) -> torch.Tensor:
+    return torch.cat([torch.zeros(1, d_in, dtype=torch.float64), torch.eye(d_in, dtype=torch.float64)])
+
+
+def _affine(cut: Cutout, nodes: list[fx.Node], d_in: int, seed: int) -> Union[tuple, str]:
+    """(W (F, d_in), b (F,)) of the concatenated per-row features of ``nodes`` as functions of x."""
+    B = _basis(d_in)
+    Xr = torch.randn(3, d_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    values = cut.run_rows(torch.cat([B, Xr]), want=nodes, double=True)
+    Z = torch.cat([v.double() for v in values], 1)
+    b = Z[0]
+    W = (Z[1:d_in + 1] - b).T.contiguous()
+    check = Xr @ W.T + b
+    if not torch.allclose(check, Z[d_in + 1:], rtol=1e-5, atol=1e-6 * (1 + float(Z.abs().max()))):
+        return None
+    return W, b
+
+
+def activation_nodes(facts: GraphFacts, cand: Candidate, cut: Cutout) -> Union[tuple, str]:
+    """(act name, nodes whose outputs are the hidden activations) on the leaf side of the cut-out."""
+    decisions = set(cand.decisions)
+    decision_side = facts.value_descendants(decisions)
+    found = []
+    for n in cut.nodes:
+        name = facts.name[n]
+        if name not in _ACTS or n in decision_side or n in decisions:
+            continue
+        arg = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        if arg is None or facts.affine_source.get(arg) is not cand.x:
+            continue
+        act = _ACTS[name]
+        if act == "gelu" and n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none") == "tanh":
+            act = "gelu_tanh"
+        if n.op == "call_module":
+            module = facts.gm.get_submodule(n.target)
+            if act == "gelu" and getattr(module, "approximate", "none") == "tanh":
+                act = "gelu_tanh"
+        out = n
+        users = list(n.users)
+        if act == "relu" and len(users) == 1:
+            u = users[0]
+            uname = facts.name[u]
+            if (uname == "pow" and len(u.args) > 1 and u.args[1] == 2) or uname == "square" or \
+                    (uname == "mul" and len(u.args) == 2 and u.args[0] is n and u.args[1] is n):
+                act, out = "relu2", u
+        found.append((act, n, out))
+    if not found:
+        return "identity", [], []
+    names = {a for a, _, _ in found}
+    if len(names) > 1:
+        return f"the leaf side mixes activations {sorted(names)}"
+    return found[0][0], [n.args[0] for _, n, _ in found], [o for _, _, o in found]
+
+
+def _split(cut: Cutout, nodes, values: torch.Tensor) -> dict:
+    """Per-row values (R, sum F) split over nodes by their feature counts."""
+    out, start = {}, 0
+    for n in nodes:
+        f = math.prod(cut.features(n))
+        out[n] = values[:, start:start + f]
+        start += f
+    return out
+
+
+def _feature_count(cut: Cutout, nodes) -> Union[int, str]:
+    total = 0
+    for n in nodes:
+        feats = cut.features(n)
+        if feats is None:
+            return f"{n.name} is not laid out by the input's rows"
+        total += math.prod(feats)
+    return total
+
+
+def heap_paths(depth: int) -> torch.Tensor:
+    """(2^D, 2^D - 1) signs: +1 / -1 where leaf j's path goes right / left at a node, -1 off the path."""
+    L, N = 2 ** depth, 2 ** depth - 1
+    signs = -torch.ones(L, N, dtype=torch.float64)
+    for j in range(L):
+        node = 0
+        for level in range(depth):
+            right = (j >> (depth - 1 - level)) & 1
+            signs[j, node] = 1.0 if right else -1.0
+            node = 2 * node + 1 + right
+    return signs
+
+
+def leaf_weights_from_logits(t: torch.Tensor, depth: int) -> torch.Tensor:
+    p = torch.sigmoid(t)
+    mu = torch.ones(t.shape[0], 1, dtype=t.dtype)
+    for level in range(depth):
+        pl = p[:, 2 ** level - 1: 2 ** (level + 1) - 1]
+        mu = torch.stack((mu * (1 - pl), mu * pl), -1).reshape(t.shape[0], -1)
+    return mu
+
+
+def extract_leaf_mlp(facts: GraphFacts, cand: Candidate, cut: Cutout, d_in: int, seed: int = 0) -> Union[FFFSpec, str]:
+    N = _feature_count(cut, cand.sources)
+    if isinstance(N, str):
+        return N
+    if not is_power_of_two(N + 1):
+        return f"the decisions read {N} node logits; a tree of depth D has 2^D - 1"
+    depth = (N + 1).bit_length() - 1
+    L = 2 ** depth
+    affine = _affine(cut, cand.sources, d_in, seed)
+    if affine is None:
+        return "the node logits are not an affine function of the input"
+    W, b = affine
+    acts = activation_nodes(facts, cand, cut)
+    if isinstance(acts, str):
+        return acts
+    act, act_in, act_out = acts
+    harden = {d: "ge" for d in cand.decisions}
+    paths = heap_paths(depth) * _T
+    zeros_x = lambda r: torch.zeros(r, d_in, dtype=torch.float64)
+    if not act_in:
+        # linear leaves: per leaf, x = 0 and e_i with the path forced
+        B = _basis(d_in)
+        rows = B.repeat(L, 1)
+        forced = paths.repeat_interleave(d_in + 1, 0)
+        Y = cut.run_rows(rows, overrides=_split(cut, cand.sources, forced), harden=harden, double=True).double()
+        Y = Y.reshape(L, d_in + 1, -1)
+        b1 = Y[:, 0]
+        W1 = Y[:, 1:] - b1.unsqueeze(1)
+        spec_args = dict(leaf_w1=W1, leaf_b1=b1, leaf_w2=None, leaf_b2=None, activation="identity")
+    else:
+        C = _feature_count(cut, act_in)
+        if isinstance(C, str):
+            return C
+        if C % L:
+            return f"{C} hidden units do not split over {L} leaves"
+        width = C // L
+        pre = _affine(cut, act_in, d_in, seed + 1)
+        if pre is None:
+            return "the leaf pre-activations are not an affine function of the input"
+        W1all, b1all = pre
+        eye = torch.cat([torch.zeros(1, C, dtype=torch.float64), torch.eye(C, dtype=torch.float64)])
+        t1 = torch.randn(1, N, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
+        logits = torch.cat([torch.zeros(C + 1, N, dtype=torch.float64), t1.expand(C + 1, N)])
+        H = torch.cat([eye, eye])
+        overrides = {**_split(cut, act_out, H), **_split(cut, cand.sources, logits)}
+        Y = cut.run_rows(zeros_x(2 * (C + 1)), overrides=overrides, double=True).double()
+        M0, M1 = Y[1:C + 1] - Y[0], Y[C + 2:] - Y[C + 1]
+        norm = (M0 * M0).sum(1)
+        alive = norm > 1e-24 * float(norm.max().clamp_min(1e-300))
+        ratio = torch.where(alive, (M1 * M0).sum(1) / norm.clamp_min(1e-300), torch.zeros_like(norm))
+        target = leaf_weights_from_logits(t1, depth)[0] * L                # (L,)
+        owner = (ratio.unsqueeze(1) - target.unsqueeze(0)).abs().argmin(1)
+        miss = ((ratio - target[owner]).abs() / target[owner].clamp_min(1e-12))[alive]
+        if miss.numel() and float(miss.max()) > 1e-3:
+            return (f"the leaf outputs are not mixed by the path products of a heap-ordered tree "
+                    f"(a hidden unit's weight is off by {float(miss.max()):.2g} relative)")
+        owner = torch.where(alive, owner, torch.arange(C) // width)
+        columns = [torch.nonzero(owner == j).flatten() for j in range(L)]
+        if any(len(c) != width for c in columns):
+            return "the hidden units do not split evenly over the leaves"
+        index = torch.stack(columns)                                          # (L, width)
+        W1 = W1all[index].transpose(1, 2)                                     # (L, d_in, width)
+        b1 = b1all[index]
+        W2 = M0[index] * L                                                    # (L, width, d_out)
+        H0 = torch.zeros(L, C, dtype=torch.float64)
+        Yb = cut.run_rows(zeros_x(L), overrides={**_split(cut, act_out, H0), **_split(cut, cand.sources, paths)},
+                          harden=harden, double=True).double()
+        spec_args = dict(leaf_w1=W1, leaf_b1=b1, leaf_w2=W2, leaf_b2=Yb, activation=act)
+    try:
+        return FFFSpec("leaf_mlp", depth, node_weight=W, node_bias=b, tie="ge", source="soft", **spec_args)
+    except InvalidSpecError as error:
+        return f"the extracted weights do not make a valid spec ({error})"
+
+
+def extract_neuron_tree(facts: GraphFacts, cand: Candidate, cut: Cutout, d_in: int, seed: int = 0) -> Union[list, str]:
+    """Every (depth, trees) reading of a hard candidate as a neuron tree, as specs to confirm."""
+    K = _feature_count(cut, cand.sources)
+    if isinstance(K, str):
+        return K
+    affine = _affine(cut, cand.sources, d_in, seed)
+    if affine is None:
+        return "the neuron pre-activations are not an affine function of the input"
+    W, b = affine
+    thresholds = {float(d.args[1]) for d in cand.decisions}
+    ties = {facts.name[d] for d in cand.decisions}
+    if len(thresholds) != 1 or len(ties) != 1:
+        return "the decisions use different comparisons"
+    b = b - thresholds.pop()
+    tie = ties.pop()
+    acts = activation_nodes(facts, cand, cut)
+    if isinstance(acts, str):
+        return acts
+    act, act_in, act_out = acts
+    if not act_in:
+        return "no activation of the neurons on the leaf side"
+    C = _feature_count(cut, act_out)
+    if isinstance(C, str):
+        return C
+    if C != K:
+        return f"{K} decisions but {C} activations"
+    specs = []
+    for depth in range(0, 24):
+        n = 2 ** (depth + 1) - 1
+        if n > K:
+            break
+        if K % n:
+            continue
+        P = K // n
+        # a path through column c: level-uniform signs that lead to the leftmost leaf below c
+        level = torch.tensor([(k + 1).bit_length() - 1 for k in range(n)])
+        pos = torch.arange(n) - (2 ** level - 1)
+        leaf = pos << (depth - level)                                          # (n,) leaf below node k
+        bits = ((leaf.unsqueeze(1) >> (depth - 1 - level.unsqueeze(0)).clamp_min(0)) & 1).double() * 2 - 1  # (n, n)
+        bits = torch.where(level.unsqueeze(0) < depth, bits, -torch.ones_like(bits))
+        signs = bits.repeat(1, P).repeat(P, 1) * _T                           # rows: column c = p * n + k
+        H = torch.cat([torch.zeros(1, K, dtype=torch.float64), torch.eye(K, dtype=torch.float64)])
+        logits = torch.cat([signs[:1], signs])
+        Y = cut.run_rows(torch.zeros(K + 1, d_in, dtype=torch.float64),
+                         overrides={**_split(cut, act_out, H), **_split(cut, cand.sources, logits)}, double=True).double()
+        V = Y[1:] - Y[0]
+        try:
+            specs.append(FFFSpec("neuron_tree", depth, act, node_weight=W.reshape(P, n, d_in), node_bias=b.reshape(P, n),
+                                 out_weight=V.reshape(P, n, -1), out_bias=Y[0], tie=tie, source="hard"))
+        except InvalidSpecError:
+            continue
+    return specs or f"{K} neurons do not make P trees of 2^(D+1) - 1 nodes"

@@ -1,0 +1,190 @@
+"""The graph frontend: find FFF soft (and neuron) trees in a captured graph, whoever wrote them.
+
+Pipeline, one concept per module:
+1. ``graph_capture``: torch.export (ATen, functionalised, dynamic dims), else torch.fx;
+2. ``graph_canonical``: op vocabulary and per-node facts (value dependence, affine source),
+   one linear pass;
+3. ``graph_anchor``: decisions (sigmoid / log-sigmoid / comparisons of logits affine in an
+   input x) grouped by x; post-dominating outputs that also read a leaf side;
+4. ``graph_cutout``: the candidate x -> y as its own program (constants evaluated once);
+5. ``graph_extract``: the FFFSpec read off by evaluating the cut-out on chosen rows;
+6. ``graph_confirm``: the spec's reference against the hardened cut-out on probe rows;
+7. ``graph_rewrite``: FusedFFF calls in a copy of the graph; the rest untouched.
+
+What the module frontend already rewrote appears in the capture as the fused op and is not
+anchored again. Nothing found: the model comes back as it was (not as a graph). Refusals reach
+``report.left`` with the reason and the best near miss.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from ..report import Left, Report, Rewritten
+from ..verify import fidelity_warning
+from .graph_anchor import Candidate, find_candidates
+from .graph_canonical import GraphFacts
+from .graph_capture import CaptureFailed, capture
+from .graph_confirm import GraphConfirmed, GraphRefused, confirm
+from .graph_cutout import ConstantCache, Cutout, NotAFunctionOfX
+from .graph_extract import extract_leaf_mlp, extract_neuron_tree
+from .graph_rewrite import hardened_original, rewrite
+
+HARDENED_ATTRIBUTE = "_fffcompile_graph_hardened"
+
+
+def _record(gm: fx.GraphModule, inputs: tuple, kwargs: dict, nodes) -> dict:
+    """The values the wanted nodes take in one run of the graph on the example inputs."""
+    wanted, seen = set(nodes), {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n in wanted:
+                seen[n] = value.detach().clone()
+            return value
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = pytree.arg_tree_leaves(*inputs, **kwargs)
+    if len(flat) != len(placeholders):
+        flat = list(inputs)
+    with torch.no_grad():
+        Recorder(gm).run(*flat)
+    return seen
+
+
+def analyse(gm: fx.GraphModule, inputs: tuple, kwargs: dict, seed: int = 0):
+    """Every candidate of the graph with its outcome: (candidate, cutout, y, GraphConfirmed) or (candidate, GraphRefused)."""
+    facts = GraphFacts(gm)
+    constants = ConstantCache(facts)
+    candidates = find_candidates(facts)
+    if not candidates:
+        return facts, []
+    values = _record(gm, inputs, kwargs, [c.x for c in candidates])
+    outcomes = []
+    for cand in candidates:
+        outcomes.append(_decide(facts, constants, cand, values.get(cand.x), seed))
+    return facts, outcomes
+
+
+def _decide(facts, constants, cand: Candidate, x_value, seed):
+    if x_value is None or not isinstance(x_value, torch.Tensor) or not x_value.is_floating_point():
+        return cand, None, None, GraphRefused("the candidate's input is not a floating-point tensor")
+    if not cand.outputs:
+        return cand, None, None, GraphRefused(
+            f"{len(cand.decisions)} {cand.kind} decision(s) on one input, but no output that every decision "
+            f"reaches and that mixes a leaf side computed from the input")
+    d_in = x_value.shape[-1]
+    x_rows = x_value.reshape(-1, d_in)
+    best: Optional[GraphRefused] = None
+    found = None
+    outputs = list(cand.outputs)
+    for k, y in enumerate(outputs):
+        if found is not None and cand.kind == "soft":
+            break
+        try:
+            cut = Cutout(facts, constants, cand.x, y)
+        except NotAFunctionOfX as error:
+            best = _better(best, GraphRefused(str(error)))
+            if found is not None:
+                break
+            continue
+        try:
+            if cand.kind == "soft":
+                specs = extract_leaf_mlp(facts, cand, cut, d_in, seed)
+                specs = [specs] if not isinstance(specs, str) else specs
+            else:
+                specs = extract_neuron_tree(facts, cand, cut, d_in, seed)
+        except Exception as error:  # a third-party graph op the extractor cannot evaluate on probe rows
+            specs = f"extraction failed at {y.name} ({type(error).__name__}: {error})"
+        if isinstance(specs, str):
+            best = _better(best, GraphRefused(specs, f"output {y.name}"))
+            if found is not None:
+                break
+            continue
+        for spec in specs:
+            outcome = confirm(cand, cut, spec, x_rows, seed)
+            if isinstance(outcome, GraphConfirmed):
+                found = (cand, cut, y, outcome)
+                break
+            best = _better(best, outcome)
+        else:
+            if found is not None:
+                break
+    if found is not None:
+        return _extend_through_views(facts, *found)
+    return cand, None, None, best
+
+
+def _extend_through_views(facts, cand, cut, y, outcome):
+    """Prefer a later output that only reshapes y (the layer's own final view) when it has x's row layout."""
+    from .graph_canonical import MOVES, hint_shape
+    x_shape = hint_shape(cand.x)
+    while True:
+        users = list(y.users)
+        if len(users) != 1 or facts.name[users[0]] not in MOVES or hint_shape(y) is None:
+            break
+        nxt = users[0]
+        shape = hint_shape(nxt)
+        if shape is None or x_shape is None or shape != (*x_shape[:-1], outcome.spec.d_out):
+            break
+        try:
+            cut = Cutout(facts, cut.constants, cand.x, nxt)
+        except NotAFunctionOfX:
+            break
+        y = nxt
+    return cand, cut, y, outcome
+
+
+def _better(best, new):
+    if best is None:
+        return new
+    if new.needed < best.needed:
+        return new
+    return best
+
+
+def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict], report: Report,
+                  min_leaf_agreement: Optional[float] = None, seed: int = 0) -> nn.Module:
+    """Capture ``work``, rewrite every confirmed FFF subgraph to the fused op; ``report`` gets the entries.
+
+    Returns ``work`` itself when nothing is rewritten; else a GraphModule carrying, as the plain
+    attribute ``_fffcompile_graph_hardened``, a 1-tuple with the captured graph whose rewritten
+    decisions are hardened (optimize()'s whole-model exactness oracle).
+    """
+    started = time.perf_counter()
+    captured = capture(work, inputs, example_kwargs)
+    if isinstance(captured, CaptureFailed):
+        report.notes.append(f"graph frontend: the model could not be captured ({captured.reason})")
+        return work
+    gm = captured.module
+    facts, outcomes = analyse(gm, inputs, example_kwargs or {}, seed)
+    confirmed = []
+    for cand, cut, y, outcome in outcomes:
+        where = cand.where
+        if not isinstance(outcome, GraphConfirmed):
+            report.left.append(Left(where, f"graph: {outcome.reason}", outcome.near_miss, frontend="fx"))
+            continue
+        spec, fidelity = outcome.spec, outcome.fidelity
+        if min_leaf_agreement is not None and fidelity.leaf_agreement < min_leaf_agreement:
+            report.left.append(Left(where, f"leaf agreement with the soft form {fidelity.leaf_agreement:.1%} is below "
+                                           f"min_leaf_agreement={min_leaf_agreement:.1%}; kept soft", frontend="fx"))
+            continue
+        confirmed.append((cand, cut, y, spec, where))
+        report.rewritten.append(Rewritten(
+            where=where, form=spec.form_letter, depth=spec.depth, trees=spec.trees, d_in=spec.d_in, d_out=spec.d_out,
+            source=spec.source, frontend="fx", exactness=outcome.exactness, fidelity=fidelity,
+            speedup_bound=spec.soft_macs() / spec.hard_macs(), description=spec.describe(),
+            warning=fidelity_warning(fidelity),
+            notes=(f"found by dataflow in the {captured.how} graph ({len(cand.decisions)} {cand.kind} decision node(s), "
+                   f"{cand.x.name} -> {y.name}); confirmed against the subgraph with hardened decisions",)))
+    if not confirmed:
+        return work
+    result = rewrite(gm, confirmed)
+    object.__setattr__(result, HARDENED_ATTRIBUTE, (hardened_original(gm, confirmed),))
+    report.notes.append(f"graph frontend: {len(confirmed)} rewrite(s) in {time.perf_counter() - started:.2f} s")
+    return result

@@ -1,0 +1,181 @@
+"""ONNX files exported from torch FFF layers and look-alikes by both torch exporters, cached per test session.
+
+``exported(name, exporter)`` returns the path of ``CASES[name]`` exported with ``exporter``
+("dynamo": ``torch.onnx.export(dynamo=True)``, opset 18; "legacy": the TorchScript exporter in
+training-preserving mode, opset 17), dynamic leading dims; each file is written once per
+session into a temporary directory. ``case(name)`` gives the module (seeded) and its input.
+
+Every case states how many fffcompile nodes a rewrite must produce (0 for look-alikes) and,
+where the layer's own parameters define it, the true FFFSpec (``true_spec``), so that tests
+compare against ``reference.hard`` of a spec that was never extracted.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import onnx
+import torch
+from torch import nn
+
+from fffcompile.nn import FFF, NeuronTree
+from fffcompile.spec import FFFSpec
+from third_party import DenseLookAlike, ModuleListTree, SoftTreeMixture, TinyTransformer, UltraFastBERTFFF
+
+
+class UnrolledFFF(nn.Module):
+    """The fastfeedforward 0.2.1 ``training_forward`` with an int depth: per-level slices, sigmoid, 1 - p,
+    cat/flatten into the mixture, one matmul for every leaf's first layer, a Python loop writing each leaf's
+    output into an ``empty`` buffer, then mixture-weighted sum."""
+
+    def __init__(self, d_in, leaf, d_out, depth):
+        super().__init__()
+        self.depth, self.leaf, self.d_out = depth, leaf, d_out
+        n, L = 2 ** depth - 1, 2 ** depth
+        self.node_weights = nn.Parameter(torch.randn(n, d_in) / math.sqrt(d_in))
+        self.node_biases = nn.Parameter(torch.randn(n, 1) * 0.1)
+        self.w1s = nn.Parameter(torch.randn(L, d_in, leaf) / math.sqrt(d_in))
+        self.b1s = nn.Parameter(torch.randn(L, leaf) * 0.1)
+        self.w2s = nn.Parameter(torch.randn(L, leaf, d_out) / math.sqrt(leaf))
+        self.b2s = nn.Parameter(torch.randn(L, d_out) * 0.1)
+
+    def forward(self, x):
+        B, L = x.shape[0], 2 ** self.depth
+        mixture = torch.ones((B, L), dtype=torch.float, device=x.device)
+        for level in range(self.depth):
+            start, end = 2 ** level - 1, 2 ** (level + 1) - 1
+            p = torch.sigmoid(torch.matmul(x, self.node_weights[start:end].T) + self.node_biases[start:end].T)
+            pairs = torch.cat([(1 - p).unsqueeze(-1), p.unsqueeze(-1)], dim=-1).flatten(-2).unsqueeze(-1)
+            mixture = (mixture.view(B, 2 ** (level + 1), L // 2 ** (level + 1)) * pairs).flatten(1)
+        h = torch.matmul(x, self.w1s.transpose(0, 1).flatten(1, 2)).view(B, L, self.leaf) + self.b1s
+        h = torch.relu(h)
+        out = torch.empty((B, L, self.d_out), dtype=torch.float, device=x.device)
+        for i in range(L):
+            out[:, i] = torch.matmul(h[:, i], self.w2s[i]) + self.b2s[i]
+        return (out * mixture.unsqueeze(-1)).sum(1)
+
+
+class GLU(nn.Module):
+    """A gated linear unit: y = (x A + a) * s(x B + b), then a projection (a sigmoid of a projection, no tree)."""
+
+    def __init__(self, d, width=7):
+        super().__init__()
+        self.value, self.gate, self.out = nn.Linear(d, width), nn.Linear(d, width), nn.Linear(width, d)
+
+    def forward(self, x):
+        return self.out(self.value(x) * torch.sigmoid(self.gate(x)))
+
+
+def _spec_fff(m: FFF) -> FFFSpec:
+    return FFFSpec(form="leaf_mlp", depth=m.depth, activation=m.activation, node_weight=m.node_weight.detach(),
+                   node_bias=m.node_bias.detach(), leaf_w1=m.leaf_w1.detach(), leaf_b1=m.leaf_b1.detach(),
+                   leaf_w2=m.leaf_w2.detach(), leaf_b2=m.leaf_b2.detach(), tie="ge")
+
+
+def _spec_unrolled(m: UnrolledFFF) -> FFFSpec:
+    return FFFSpec(form="leaf_mlp", depth=m.depth, activation="relu", node_weight=m.node_weights.detach(),
+                   node_bias=m.node_biases.detach()[:, 0], leaf_w1=m.w1s.detach(), leaf_b1=m.b1s.detach(),
+                   leaf_w2=m.w2s.detach(), leaf_b2=m.b2s.detach(), tie="ge")
+
+
+def _spec_ufb(m: UltraFastBERTFFF) -> FFFSpec:
+    P, n, d = m.parallel_size, m.n_nodes, m.input_width
+    return FFFSpec(form="neuron_tree", depth=m.depth, activation="gelu",
+                   node_weight=m.linear_in.weight.detach().reshape(P, n, d),
+                   node_bias=m.linear_in.bias.detach().reshape(P, n),
+                   out_weight=m.linear_out.weight.detach().T.reshape(P, n, m.output_width),
+                   out_bias=torch.zeros(m.output_width), tie="gt", source="hard")
+
+
+def _spec_neuron_tree(m: NeuronTree) -> FFFSpec:
+    return FFFSpec(form="neuron_tree", depth=m.depth, activation=m.activation, node_weight=m.in_weight.detach(),
+                   node_bias=m.in_bias.detach(), out_weight=m.out_weight.detach(), out_bias=m.out_bias.detach(),
+                   tie=m.tie, source="hard")
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]          # the exported example; tests run other sizes
+    fff_nodes: int                        # fffcompile nodes a rewrite must produce
+    true_spec: Optional[Callable] = None  # module -> FFFSpec, for single-layer cases
+    exporters: tuple[str, ...] = ("dynamo", "legacy")
+
+
+CASES: dict[str, Case] = {
+    "fff": Case(lambda: FFF(12, 7, 3, 5, activation="gelu"), (4, 12), 1, _spec_fff),
+    "fff_seq": Case(lambda: FFF(8, 6, 2, 4), (2, 5, 8), 1, _spec_fff),
+    "fff_master": Case(lambda: FFF(10, 6, 3, 4, master_width=8), (4, 10), 1),
+    "unrolled": Case(lambda: UnrolledFFF(10, 3, 6, 3), (4, 10), 1, _spec_unrolled),
+    "ultrafastbert": Case(lambda: UltraFastBERTFFF(12, 10, 3, 2), (2, 5, 12), 1, _spec_ufb),
+    "neuron_tree": Case(lambda: NeuronTree(9, 5, 2, trees=3), (4, 9), 1, _spec_neuron_tree),
+    "module_list": Case(lambda: ModuleListTree(8, 5, depth=2), (4, 8), 1),
+    "soft_tree": Case(lambda: SoftTreeMixture(8, depth=3), (4, 8), 1),
+    # the legacy exporter bakes attention's shapes in: a transformer only by the dynamo exporter
+    "transformer": Case(lambda: TinyTransformer(8, [FFF(8, 8, 2, 4), UltraFastBERTFFF(8, 8, 2, 2)]), (2, 5, 8), 2,
+                        exporters=("dynamo",)),
+    "stack": Case(lambda: nn.Sequential(nn.Linear(8, 8), FFF(8, 8, 2, 4), nn.LayerNorm(8), UltraFastBERTFFF(8, 8, 2, 2),
+                                        nn.GELU(), FFF(8, 3, 3, 2, activation="silu")), (2, 5, 8), 3),
+    # look-alikes: nothing to rewrite
+    "softmax_moe": Case(lambda: SoftTreeMixture(8, kind="softmax_moe"), (4, 8), 0),
+    "not_a_tree": Case(lambda: SoftTreeMixture(8, kind="not_a_tree"), (4, 8), 0),
+    "swapped_children": Case(lambda: SoftTreeMixture(8, kind="swapped_children"), (4, 8), 0),
+    "gated_residual": Case(lambda: SoftTreeMixture(8, kind="gated_residual"), (4, 8), 0),
+    "glu": Case(lambda: GLU(8), (4, 8), 0),
+    "dense_mlp": Case(lambda: DenseLookAlike(8, "mlp"), (4, 8), 0),
+    "swiglu": Case(lambda: DenseLookAlike(8, "swiglu"), (4, 8), 0),
+    "masked_wrong": Case(lambda: DenseLookAlike(8, "masked_wrong"), (4, 8), 0),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def case(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(sum(map(ord, name)))
+    module = CASES[name].build().train()
+    return module, torch.randn(*CASES[name].input_shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _directory() -> str:
+    path = tempfile.mkdtemp(prefix="fffcompile-onnx-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def export(module: nn.Module, x: torch.Tensor, path: str, exporter: str, opset: Optional[int] = None) -> str:
+    dims = ["B", "S"][:x.dim() - 1]
+    with torch.no_grad():
+        out_rank = module(x).dim()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            shapes = ({k: torch.export.Dim(n, min=1, max=4096) for k, n in enumerate(dims)},)
+            torch.onnx.export(module, (x,), path, dynamo=True, dynamic_shapes=shapes, opset_version=opset or 18,
+                              verbose=False)
+        else:
+            torch.onnx.export(module, (x,), path, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
+                              input_names=["x"], output_names=["y"], opset_version=opset or 17,
+                              dynamic_axes={"x": dict(enumerate(dims)), "y": dict(enumerate(dims[:out_rank - 1]))})
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def exported(name: str, exporter: str, opset: Optional[int] = None, external_data: bool = False) -> str:
+    """The cached ONNX file of ``CASES[name]`` (with its weights in ``<file>.data`` for ``external_data``)."""
+    module, x = case(name)
+    tag = f"{name}.{exporter}.{opset or 'default'}{'.ext' if external_data else ''}"
+    path = os.path.join(_directory(), f"{tag}.onnx")
+    export(module, x, path, exporter, opset)
+    if external_data:
+        model = onnx.load(path)
+        os.remove(path)
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{tag}.onnx.data", size_threshold=0)
+    return path

@@ -1,0 +1,240 @@
+"""optimize() through the graph frontend: FFF layers written in many styles (tests/graph_gallery.py),
+inside a transformer-like model, found by dataflow, extracted, confirmed and rewritten to the fused
+op; look-alikes left untouched. Structure (fused calls, no tree sigmoid left) and numbers (against
+reference.hard of the true spec and against the original with hardened decisions) are asserted."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import fffcompile
+import graph_gallery as G
+from fffcompile import reference
+from fffcompile.passes.graph_capture import capture
+from fffcompile.passes.graph_confirm import GraphConfirmed
+from fffcompile.passes.graph_frontend import analyse
+from fffcompile.passes.confirm_module import run_original
+from fffcompile.passes.harden import hardened_sigmoids
+from fffcompile.runtime import FusedFFF
+from fffcompile.spec import FFFSpec
+from specs import make_spec
+from third_party import DenseLookAlike, SoftTreeMixture, TinyTransformer
+
+D = 8
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+class Reference(nn.Module):
+    """The independent oracle: reference.hard of the true spec, as a layer."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, x):
+        return reference.hard(self.spec, x)
+
+
+def fused_calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), FusedFFF)]
+
+
+def op_names(gm):
+    return [getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _spec(style, **kw):
+    base = dict(d_in=D, d_out=D)
+    if style in ("ultrafast", "one_hot"):
+        base.update(form="neuron_tree", activation="gelu")
+    base.update(kw)
+    spec = make_spec(**base)
+    if style == "linear_nobias":
+        spec = spec.replace(node_bias=torch.zeros_like(spec.node_bias))
+    return spec
+
+
+CASES = {
+    "packed": (G.Packed, dict(depth=3, activation="relu")),
+    "unrolled": (G.Unrolled, dict(depth=3, leaf_width=4)),
+    "unrolled_gelu_deep": (G.Unrolled, dict(depth=5, leaf_width=2, activation="gelu")),
+    "table": (G.Table, dict(depth=3, activation="gelu")),
+    "table_relu2": (G.Table, dict(depth=2, activation="relu2")),
+    "logsigmoid": (G.LogSigmoid, dict(depth=3, activation="silu")),
+    "path_matrix": (G.PathMatrix, dict(depth=3)),
+    "linear_nobias": (G.LinearNoBias, dict(depth=3, linear_leaves=True, activation="identity")),
+    "threshold": (G.Threshold, dict(depth=2, activation="gelu_tanh")),
+    "ultrafast": (G.UltraFast, dict(depth=2, trees=3, tie="gt")),
+    "ultrafast_ge": (G.UltraFast, dict(depth=3, trees=1, tie="ge")),
+    "one_hot": (G.OneHot, dict(depth=3, trees=2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gallery_style_is_found_rewritten_and_exact(case):
+    cls, kw = CASES[case]
+    style = case.split("_")[0] if case not in ("linear_nobias", "path_matrix", "one_hot") else case
+    spec = _spec(style, **kw)
+    model = TinyTransformer(D, [cls(spec), cls(spec)]).eval()
+    x = torch.randn(3, 5, D)
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    report = fast.report
+    # structure: both layers rewritten by the graph frontend, fused calls in the graph, no tree decision left
+    assert [(r.form, r.depth, r.trees, r.frontend) for r in report.rewritten] == [(spec.form_letter, spec.depth, spec.trees, "fx")] * 2
+    assert [r.where for r in report.rewritten] == ["blocks.0.ff", "blocks.1.ff"]
+    calls = fused_calls(fast)
+    assert len(calls) == 2
+    names = op_names(fast)
+    assert not any(n in names for n in ("sigmoid.default", "log_sigmoid.default", "gt.Scalar", "ge.Scalar", "scatter.value"))
+    # the extracted spec is the one the layer was built from
+    for call in calls:
+        got = fast.get_submodule(call.target).spec
+        assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4), case
+    # numbers: against the true spec's reference, and against the original with hardened decisions
+    oracle = copy.deepcopy(model)
+    for block in oracle.blocks:
+        block.ff = Reference(spec)
+    for shape in ((3, 5, D), (7, 4, D), (1, 2, D)):       # dynamic batch and sequence
+        x2 = torch.randn(*shape)
+        with torch.no_grad():
+            out = fast(x2)
+            assert rel_err(out, oracle(x2)) < 1e-4
+            if spec.form == "neuron_tree":
+                assert rel_err(out, model(x2)) < 1e-4
+            else:
+                with hardened_sigmoids(rows=shape[0] * shape[1]):
+                    assert rel_err(out, model(x2)) < 1e-4
+    assert report.model_check["exactness vs the hardened original"].passed
+    # the result exports again with the fused op inside, batch still dynamic
+    program = torch.export.export(fast, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
+    exported = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert sum("fffcompile" in t for t in exported) == 2
+
+
+def test_master_leaf_tree_rewritten_blend_kept():
+    spec = _spec("table", depth=3)
+    layer = G.Master(spec)
+    model = TinyTransformer(D, [layer]).eval()
+    x = torch.randn(2, 6, D)
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert [(r.form, r.depth) for r in fast.report.rewritten] == [("A", 3)]
+    assert len(fused_calls(fast)) == 1
+    assert op_names(fast).count("sigmoid.default") == 1          # s(k) of the blend stays
+    full = spec.replace(master_w1=layer.m1.weight.detach().T.clone(), master_b1=layer.m1.bias.detach().clone(),
+                        master_w2=layer.m2.weight.detach().T.clone(), master_b2=layer.m2.bias.detach().clone(),
+                        master_logit=layer.k.detach().clone(), master_activation="gelu")
+    oracle = copy.deepcopy(model)
+    oracle.blocks[0].ff = Reference(full)
+    x2 = torch.randn(5, 3, D)
+    with torch.no_grad():
+        assert rel_err(fast(x2), oracle(x2)) < 1e-4
+
+
+def test_fully_decomposed_unrolled_graph_where_eq_arange_chains():
+    """After run_decompositions() the unrolled leaf writes become where(eq(arange...)) chains."""
+    spec = _spec("unrolled", depth=3, leaf_width=3)
+    layer = G.Unrolled(spec)
+    x = torch.randn(6, D)
+    program = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
+    gm = program.run_decompositions().module()
+    _, outcomes = analyse(gm, (x,), {})
+    confirmed = [o for *_, o in outcomes if isinstance(o, GraphConfirmed)]
+    assert len(confirmed) == 1
+    assert confirmed[0].spec.same_as(spec.replace(source=confirmed[0].spec.source), atol=2e-5, rtol=2e-4)
+
+
+LOOK_ALIKES = {
+    "swapped_children": lambda: G.Swapped(_spec("x", depth=3)),
+    "not_a_tree": lambda: G.NotATree(_spec("x", depth=3)),
+    "tp_softmax_moe": lambda: SoftTreeMixture(D, kind="softmax_moe"),
+    "tp_gated_residual": lambda: SoftTreeMixture(D, kind="gated_residual"),
+    "tp_not_a_tree": lambda: SoftTreeMixture(D, kind="not_a_tree"),
+    "tp_swapped_children": lambda: SoftTreeMixture(D, kind="swapped_children"),
+    "tp_mlp": lambda: DenseLookAlike(D, "mlp"),
+    "tp_swiglu": lambda: DenseLookAlike(D, "swiglu"),
+    "tp_masked_wrong": lambda: DenseLookAlike(D, "masked_wrong"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LOOK_ALIKES))
+def test_look_alikes_are_left_untouched(kind):
+    model = TinyTransformer(D, [LOOK_ALIKES[kind]()]).eval()
+    x = torch.randn(3, 5, D)
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert fast.report.rewritten == []
+    assert not isinstance(fast, torch.fx.GraphModule)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
+    for entry in fast.report.left:
+        assert entry.reason                                   # every refusal says why
+
+
+def test_module_and_graph_frontends_together():
+    """The module frontend takes what it knows by signature; the graph pass finds the packed layer."""
+    import fastfeedforward
+    spec = _spec("packed", depth=2)
+    model = TinyTransformer(D, [fastfeedforward.FFF(D, 4, D, depth=2), G.Packed(spec)]).eval()
+    x = torch.randn(3, 5, D)
+    fast = fffcompile.optimize(model, x)
+    assert sorted((r.frontend, r.where) for r in fast.report.rewritten) == [("fx", "blocks.1.ff"), ("module", "blocks.0.ff")]
+    assert fast.report.model_check["exactness vs the hardened original"].passed
+    assert len(fused_calls(fast)) == 1
+    assert sum("fffcompile" in str(n.target) for n in fast.graph.nodes if n.op == "call_function") == 1
+    x2 = torch.randn(4, 2, D)
+    with torch.no_grad():
+        hardened = copy.deepcopy(model)
+        hardened.blocks[1].ff = Reference(spec)
+        ff0 = hardened.blocks[0].ff
+        hardened.blocks[0].ff = type("H", (nn.Module,), {"forward": lambda self, t: run_original(ff0, t, True, True)})()
+        assert rel_err(fast(x2), hardened(x2)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- property: extract == spec
+
+A_STYLES = {"packed": G.Packed, "unrolled": G.Unrolled, "table": G.Table, "logsigmoid": G.LogSigmoid, "path_matrix": G.PathMatrix,
+            "linear_nobias": G.LinearNoBias, "threshold": G.Threshold}
+B_STYLES = {"ultrafast": G.UltraFast, "one_hot": G.OneHot}
+
+
+@st.composite
+def built(draw):
+    form = draw(st.sampled_from(("leaf_mlp", "neuron_tree")))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    d_in, d_out = draw(st.integers(2, 8)), draw(st.integers(2, 8))
+    if form == "leaf_mlp":
+        style = draw(st.sampled_from(sorted(A_STYLES)))
+        linear = style == "linear_nobias" or (style != "unrolled" and draw(st.booleans()))
+        act = "identity" if linear else draw(st.sampled_from(("relu", "gelu", "silu", "tanh", "gelu_tanh", "relu2")))
+        spec = make_spec(depth=draw(st.integers(1, 4)), d_in=d_in, d_out=d_out, leaf_width=draw(st.integers(1, 5)),
+                         activation=act, linear_leaves=linear, seed=seed)
+        if style == "linear_nobias":
+            spec = spec.replace(node_bias=torch.zeros_like(spec.node_bias))
+        return style, spec, A_STYLES[style](spec)
+    style = draw(st.sampled_from(sorted(B_STYLES)))
+    spec = make_spec(form="neuron_tree", depth=draw(st.integers(1, 3)), trees=draw(st.integers(1, 3)), d_in=d_in,
+                     d_out=d_out, activation=draw(st.sampled_from(("gelu", "relu", "silu"))),
+                     tie=draw(st.sampled_from(("ge", "gt"))), seed=seed)
+    return style, spec, B_STYLES[style](spec)
+
+
+@settings(max_examples=12)
+@given(built(), st.integers(2, 6))
+def test_property_capture_extract_equals_spec(case, batch):
+    style, spec, layer = case
+    x = torch.randn(batch, 3, spec.d_in)
+    captured = capture(layer.eval(), (x,))
+    _, outcomes = analyse(captured.module, (x,), {})
+    confirmed = [o for *_, o in outcomes if isinstance(o, GraphConfirmed)]
+    assert len(confirmed) == 1, (style, spec.describe(), [o.reason for *_, o in outcomes if not isinstance(o, GraphConfirmed)])
+    got = confirmed[0].spec
+    assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4), (style, spec.describe(), got.describe())
