@@ -317,3 +317,25 @@ def test_malformed_arguments_are_errors_not_crashes(ext, form):
     if form == "leaf_mlp":
         with pytest.raises(RuntimeError, match="leaf_b2"):
             fn(x, *args[:5], None, 0, True)
+
+
+def test_a_stale_build_lock_is_removed(tmp_path):
+    """A build killed half-way leaves torch's lock file; the next build must not wait on it forever."""
+    from torch.utils import cpp_extension
+    env_before = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path)
+    try:
+        directory = cpp_extension._get_build_directory("fffcompile_cpu_test", verbose=False)
+        lock = os.path.join(directory, "lock")
+        open(lock, "w").close()
+        cpu_kernel._remove_stale_lock(cpp_extension, "fffcompile_cpu_test")
+        assert os.path.exists(lock), "a fresh lock belongs to a build in progress"
+        old = os.path.getmtime(lock) - cpu_kernel.STALE_LOCK_SECONDS - 60
+        os.utime(lock, (old, old))
+        cpu_kernel._remove_stale_lock(cpp_extension, "fffcompile_cpu_test")
+        assert not os.path.exists(lock)
+    finally:
+        if env_before is None:
+            os.environ.pop("TORCH_EXTENSIONS_DIR")
+        else:
+            os.environ["TORCH_EXTENSIONS_DIR"] = env_before

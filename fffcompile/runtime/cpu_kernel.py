@@ -10,7 +10,7 @@ time, rows in parallel above a work threshold, form A's rows grouped by leaf.
 Building: ``torch.utils.cpp_extension.load`` compiles the sources with ninja on the first call
 (never at import) into torch's extension directory under a name keyed by the sources' hash and
 the torch version, so an edited source or another torch rebuilds and an unchanged one loads from
-the cache. When the compiler or ninja is missing or the build fails, the reason is logged once
+the cache (a lock left by a build killed half-way is removed once it is 15 minutes old). When the compiler or ninja is missing or the build fails, the reason is logged once
 and every call runs ``reference.hard`` (the ops' pure-torch default): never an exception.
 
 Registered with ``torch.library.register_kernel(op, "cpu")`` on the existing custom ops, so the
@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -73,6 +74,7 @@ def load():
             from torch.utils import cpp_extension
             if not cpp_extension.is_ninja_available():
                 raise RuntimeError("ninja is not installed (pip install ninja)")
+            _remove_stale_lock(cpp_extension, _extension_name())
             _extension = cpp_extension.load(
                 name=_extension_name(), sources=[str(CSRC / "fff_kernels.cpp")], extra_include_paths=[str(CSRC)],
                 extra_cflags=["-O3", "-fno-math-errno"], verbose=os.environ.get("FFFCOMPILE_BUILD_VERBOSE") == "1")
@@ -81,6 +83,25 @@ def load():
             _failure = f"{type(error).__name__}: {first_line}"
             log.warning("fffcompile: CPU kernel unavailable (%s); the ops run the pure-torch reference on CPU", _failure)
     return _extension
+
+
+# A build killed half-way leaves torch's lock file behind, and every later build would wait on it
+# forever; no build of these sources takes this long.
+STALE_LOCK_SECONDS = 15 * 60
+
+
+def _remove_stale_lock(cpp_extension, name: str):
+    try:
+        directory = cpp_extension._get_build_directory(name, verbose=False)
+    except Exception:  # a private helper: without it, torch's own waiting applies
+        return
+    lock = os.path.join(directory, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > STALE_LOCK_SECONDS:
+            os.remove(lock)
+            log.warning("fffcompile: removed a stale build lock %s (left by an interrupted build)", lock)
+    except OSError:
+        pass
 
 
 def available() -> bool:
