@@ -339,3 +339,30 @@ def test_a_stale_build_lock_is_removed(tmp_path):
             os.environ.pop("TORCH_EXTENSIONS_DIR")
         else:
             os.environ["TORCH_EXTENSIONS_DIR"] = env_before
+
+
+@pytest.mark.parametrize("form,linear", [("leaf_mlp", False), ("leaf_mlp", True), ("neuron_tree", False)])
+def test_fused_module_fast_path_under_autograd_has_the_ops_gradients(ext, form, linear):
+    spec = make_spec(form=form, depth=3, d_in=10, d_out=6, leaf_width=5, trees=2, activation="gelu",
+                     linear_leaves=linear, dtype=torch.float64, seed=25)
+    fast, slow = FusedFFF(spec), FusedFFF(spec)
+    x = random_input(spec, (4, 3), 26)
+
+    def grads(module, use_fast):
+        module.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        if not use_fast:
+            object.__setattr__(module, "_fast", False)              # the op through the dispatcher
+        out = module(xr)
+        assert (module._fast is not False) == use_fast
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        return out.detach(), [xr.grad] + [p.grad for p in module.parameters()]
+
+    out_fast, g_fast = grads(fast, True)
+    out_slow, g_slow = grads(slow, False)
+    torch.testing.assert_close(out_fast, out_slow)
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b)
+    frozen = FusedFFF(spec).requires_grad_(False)
+    y = frozen(x)                                                     # grad mode on, nothing requires grad
+    assert y.grad_fn is None and frozen._fast
