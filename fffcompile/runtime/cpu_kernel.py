@@ -10,14 +10,22 @@ time, rows in parallel above a work threshold, form A's rows grouped by leaf.
 Building: ``torch.utils.cpp_extension.load`` compiles the sources with ninja on the first call
 (never at import) into torch's extension directory under a name keyed by the sources' hash and
 the torch version, so an edited source or another torch rebuilds and an unchanged one loads from
-the cache (a lock left by a build killed half-way is removed once it is 15 minutes old). When the compiler or ninja is missing or the build fails, the reason is logged once
-and every call runs ``reference.hard`` (the ops' pure-torch default): never an exception.
+the cache (a lock left by a build killed half-way is removed once it is 15 minutes old). The
+first build takes about a minute; ``load()`` warms it ahead of time. When the compiler or ninja
+is missing or the build fails, the reason is logged once and every call runs ``reference.hard``
+(the ops' pure-torch default): never an exception. ``FFFCOMPILE_CPU_KERNEL=0`` disables it.
 
 Registered with ``torch.library.register_kernel(op, "cpu")`` on the existing custom ops, so the
 ops' fake function and autograd formula stay as they are. ``refusal(...)`` says why a call goes
 to the reference instead (x's dtype differs from the weights', an activation the kernel does not
 know, the kernel unavailable); ``prepare`` gives ``FusedFFF`` a handle that skips the dispatcher
-in no-grad CPU inference (one C++ call per forward).
+(one C++ call per forward; under autograd FusedFFF wraps it in a Function with the op's backward).
+
+Measured on the development machine (AMD Zen 3, AVX2, one thread, shared and noisy; command
+``fffcompile bench``): UltraFastBERT 1x11 shape about 4 us per token at batch 1 through the
+handle and 2.1-3 us per row at batch >= 128; form A (d 768, depth 8, leaf width 16) about 6-8 us
+at batch 1 and 2.4-3.5 us per row at batch 1024. Both are bound by streaming the tree's rows
+from L3/DRAM, not by arithmetic.
 """
 from __future__ import annotations
 
