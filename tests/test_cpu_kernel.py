@@ -317,3 +317,52 @@ def test_malformed_arguments_are_errors_not_crashes(ext, form):
     if form == "leaf_mlp":
         with pytest.raises(RuntimeError, match="leaf_b2"):
             fn(x, *args[:5], None, 0, True)
+
+
+def test_a_stale_build_lock_is_removed(tmp_path):
+    """A build killed half-way leaves torch's lock file; the next build must not wait on it forever."""
+    from torch.utils import cpp_extension
+    env_before = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path)
+    try:
+        directory = cpp_extension._get_build_directory("fffcompile_cpu_test", verbose=False)
+        lock = os.path.join(directory, "lock")
+        open(lock, "w").close()
+        cpu_kernel._remove_stale_lock(cpp_extension, "fffcompile_cpu_test")
+        assert os.path.exists(lock), "a fresh lock belongs to a build in progress"
+        old = os.path.getmtime(lock) - cpu_kernel.STALE_LOCK_SECONDS - 60
+        os.utime(lock, (old, old))
+        cpu_kernel._remove_stale_lock(cpp_extension, "fffcompile_cpu_test")
+        assert not os.path.exists(lock)
+    finally:
+        if env_before is None:
+            os.environ.pop("TORCH_EXTENSIONS_DIR")
+        else:
+            os.environ["TORCH_EXTENSIONS_DIR"] = env_before
+
+
+@pytest.mark.parametrize("form,linear", [("leaf_mlp", False), ("leaf_mlp", True), ("neuron_tree", False)])
+def test_fused_module_fast_path_under_autograd_has_the_ops_gradients(ext, form, linear):
+    spec = make_spec(form=form, depth=3, d_in=10, d_out=6, leaf_width=5, trees=2, activation="gelu",
+                     linear_leaves=linear, dtype=torch.float64, seed=25)
+    fast, slow = FusedFFF(spec), FusedFFF(spec)
+    x = random_input(spec, (4, 3), 26)
+
+    def grads(module, use_fast):
+        module.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        if not use_fast:
+            object.__setattr__(module, "_fast", False)              # the op through the dispatcher
+        out = module(xr)
+        assert (module._fast is not False) == use_fast
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        return out.detach(), [xr.grad] + [p.grad for p in module.parameters()]
+
+    out_fast, g_fast = grads(fast, True)
+    out_slow, g_slow = grads(slow, False)
+    torch.testing.assert_close(out_fast, out_slow)
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b)
+    frozen = FusedFFF(spec).requires_grad_(False)
+    y = frozen(x)                                                     # grad mode on, nothing requires grad
+    assert y.grad_fn is None and frozen._fast

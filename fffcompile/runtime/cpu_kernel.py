@@ -10,14 +10,22 @@ time, rows in parallel above a work threshold, form A's rows grouped by leaf.
 Building: ``torch.utils.cpp_extension.load`` compiles the sources with ninja on the first call
 (never at import) into torch's extension directory under a name keyed by the sources' hash and
 the torch version, so an edited source or another torch rebuilds and an unchanged one loads from
-the cache. When the compiler or ninja is missing or the build fails, the reason is logged once
-and every call runs ``reference.hard`` (the ops' pure-torch default): never an exception.
+the cache (a lock left by a build killed half-way is removed once it is 15 minutes old). The
+first build takes about a minute; ``load()`` warms it ahead of time. When the compiler or ninja
+is missing or the build fails, the reason is logged once and every call runs ``reference.hard``
+(the ops' pure-torch default): never an exception. ``FFFCOMPILE_CPU_KERNEL=0`` disables it.
 
 Registered with ``torch.library.register_kernel(op, "cpu")`` on the existing custom ops, so the
 ops' fake function and autograd formula stay as they are. ``refusal(...)`` says why a call goes
 to the reference instead (x's dtype differs from the weights', an activation the kernel does not
 know, the kernel unavailable); ``prepare`` gives ``FusedFFF`` a handle that skips the dispatcher
-in no-grad CPU inference (one C++ call per forward).
+(one C++ call per forward; under autograd FusedFFF wraps it in a Function with the op's backward).
+
+Measured on the development machine (AMD Zen 3, AVX2, one thread, shared and noisy; command
+``fffcompile bench``): UltraFastBERT 1x11 shape about 4 us per token at batch 1 through the
+handle and 2.1-3 us per row at batch >= 128; form A (d 768, depth 8, leaf width 16) about 6-8 us
+at batch 1 and 2.4-3.5 us per row at batch 1024. Both are bound by streaming the tree's rows
+from L3/DRAM, not by arithmetic.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -73,6 +82,7 @@ def load():
             from torch.utils import cpp_extension
             if not cpp_extension.is_ninja_available():
                 raise RuntimeError("ninja is not installed (pip install ninja)")
+            _remove_stale_lock(cpp_extension, _extension_name())
             _extension = cpp_extension.load(
                 name=_extension_name(), sources=[str(CSRC / "fff_kernels.cpp")], extra_include_paths=[str(CSRC)],
                 extra_cflags=["-O3", "-fno-math-errno"], verbose=os.environ.get("FFFCOMPILE_BUILD_VERBOSE") == "1")
@@ -81,6 +91,25 @@ def load():
             _failure = f"{type(error).__name__}: {first_line}"
             log.warning("fffcompile: CPU kernel unavailable (%s); the ops run the pure-torch reference on CPU", _failure)
     return _extension
+
+
+# A build killed half-way leaves torch's lock file behind, and every later build would wait on it
+# forever; no build of these sources takes this long.
+STALE_LOCK_SECONDS = 15 * 60
+
+
+def _remove_stale_lock(cpp_extension, name: str):
+    try:
+        directory = cpp_extension._get_build_directory(name, verbose=False)
+    except Exception:  # a private helper: without it, torch's own waiting applies
+        return
+    lock = os.path.join(directory, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > STALE_LOCK_SECONDS:
+            os.remove(lock)
+            log.warning("fffcompile: removed a stale build lock %s (left by an interrupted build)", lock)
+    except OSError:
+        pass
 
 
 def available() -> bool:
