@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml Makefile scripts/install-tensorrt-rtx.sh
 	$(PY) -m pip install $(PIP_FLAGS) --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install $(PIP_FLAGS) --quiet -e ".[test]"
 	bash scripts/install-tensorrt-rtx.sh $(PY) $(PIP_FLAGS)
+	@echo "building the C++ CPU kernel once (about a minute; cached in torch's extension directory)"
+	$(PY) -c "from fffcompile.runtime import cpu_kernel as k; k.load(); print('CPU kernel:', k.isa() or k.failure())"
 	touch $@
 
 demo: $(VENV)/.installed
