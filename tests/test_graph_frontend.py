@@ -171,6 +171,34 @@ def test_train_mode_graph_with_dropout_inside_the_tree():
     assert fast.report.model_check["exactness vs the hardened original"].passed
 
 
+class _PlainDepth(int):
+    """fastfeedforward reads ``self.depth.item()``; a plain int with .item() makes the layer capturable."""
+
+    def item(self):
+        return int(self)
+
+
+def test_fastfeedforward_package_training_forward_with_int_depth():
+    """The shipped package's own soft forward (per-level slices, in-place mul_ into views of the
+    mixture, leaves copied one by one into torch.empty) found and read off exactly."""
+    import fastfeedforward
+    layers = [fastfeedforward.FFF(D, 4, D, depth=3), fastfeedforward.FFF(D, 3, D, depth=2, activation=nn.GELU())]
+    for layer in layers:
+        depth = int(layer.depth.item())
+        del layer.depth
+        layer.depth = _PlainDepth(depth)
+    model = TinyTransformer(D, layers).train()
+    x = torch.randn(3, 5, D)
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert [(r.form, r.depth, r.frontend) for r in fast.report.rewritten] == [("A", 3, "fx"), ("A", 2, "fx")]
+    assert fast.report.model_check["exactness vs the hardened original"].passed
+    for call, layer, act in zip(fused_calls(fast), layers, ("relu", "gelu")):
+        got = fast.get_submodule(call.target).spec
+        truth = FFFSpec("leaf_mlp", int(layer.depth), act, layer.node_weights.detach(), layer.node_biases.detach()[:, 0],
+                        layer.w1s.detach(), layer.b1s.detach(), layer.w2s.detach(), layer.b2s.detach(), source=got.source)
+        assert got.same_as(truth, atol=2e-5, rtol=2e-4)
+
+
 LOOK_ALIKES = {
     "swapped_children": lambda: G.Swapped(_spec("x", depth=3)),
     "not_a_tree": lambda: G.NotATree(_spec("x", depth=3)),
