@@ -72,6 +72,7 @@ CASES = {
     "table_relu2": (G.Table, dict(depth=2, activation="relu2")),
     "logsigmoid": (G.LogSigmoid, dict(depth=3, activation="silu")),
     "path_matrix": (G.PathMatrix, dict(depth=3)),
+    "softplus_softmax": (G.SoftplusSoftmax, dict(depth=3, activation="gelu")),
     "linear_nobias": (G.LinearNoBias, dict(depth=3, linear_leaves=True, activation="identity")),
     "threshold": (G.Threshold, dict(depth=2, activation="gelu_tanh")),
     "hard_index": (G.HardIndex, dict(depth=3, activation="gelu")),
@@ -115,7 +116,7 @@ def test_gallery_style_is_found_rewritten_and_exact(case):
             assert rel_err(out, oracle(x2)) < 1e-4
             if already_hard:
                 assert rel_err(out, model(x2)) < 1e-4
-            else:
+            elif cls is not G.SoftplusSoftmax:         # hardened_sigmoids does not know softplus
                 with hardened_sigmoids(rows=shape[0] * shape[1]):
                     assert rel_err(out, model(x2)) < 1e-4
     assert report.model_check["exactness vs the hardened original"].passed
@@ -248,7 +249,7 @@ def test_module_and_graph_frontends_together():
 # ----------------------------------------------------------------------------- property: extract == spec
 
 A_STYLES = {"hard_index": G.HardIndex, "hard_dense": G.HardDense, "packed": G.Packed, "unrolled": G.Unrolled, "table": G.Table, "logsigmoid": G.LogSigmoid, "path_matrix": G.PathMatrix,
-            "linear_nobias": G.LinearNoBias, "threshold": G.Threshold}
+            "softplus_softmax": G.SoftplusSoftmax, "linear_nobias": G.LinearNoBias, "threshold": G.Threshold}
 B_STYLES = {"ultrafast": G.UltraFast, "one_hot": G.OneHot}
 
 

@@ -107,6 +107,17 @@ def hard_log(step: torch.Tensor) -> torch.Tensor:
     return (1 - step) * LOG_ZERO
 
 
+def harden_value(name: str, z: torch.Tensor, tie: str) -> torch.Tensor:
+    """A soft decision op hardened: s(z) -> [z >= 0]; log s(z) -> log [z >= 0];
+    softplus(z) = -log s(-z) -> -log (1 - [z >= 0])."""
+    step = hard_step(z, tie)
+    if name in ("log_sigmoid", "logsigmoid"):
+        return hard_log(step)
+    if name == "softplus":
+        return -hard_log(1 - step)
+    return step
+
+
 class Cutout:
     def __init__(self, facts: GraphFacts, constants: ConstantCache, x: fx.Node, y: fx.Node):
         self.facts, self.constants, self.x, self.y = facts, constants, x, y
@@ -247,7 +258,7 @@ class Cutout:
                     elif n in harden:
                         z = lookup(n.args[0])
                         step = hard_step(z, harden[n])
-                        env[n] = hard_log(step) if self.facts.name[n] in ("log_sigmoid", "logsigmoid") else step
+                        env[n] = harden_value(self.facts.name[n], z, harden[n])
                     else:
                         env[n] = _execute(self.facts.gm, n, lookup, double)
                     pending.discard(n)
