@@ -17,6 +17,7 @@ anchored again. Nothing found: the model comes back as it was (not as a graph). 
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
@@ -166,7 +167,14 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
         report.notes.append(f"graph frontend: the model could not be captured ({captured.reason})")
         return work
     gm = captured.module
-    facts, outcomes = analyse(gm, inputs, example_kwargs or {}, seed)
+    try:
+        facts, outcomes = analyse(gm, inputs, example_kwargs or {}, seed)
+    except Exception as error:   # never let the graph pass break a model the module frontend handled
+        if os.environ.get("FFFCOMPILE_DEBUG"):
+            raise
+        report.notes.append(f"graph frontend: analysis failed ({type(error).__name__}: {error}); the graph is left as "
+                            f"it was (FFFCOMPILE_DEBUG=1 shows the traceback)")
+        return work
     confirmed = []
     taken: set = set()
     for cand, cut, y, outcome in outcomes:
