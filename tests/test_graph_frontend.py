@@ -20,7 +20,7 @@ from fffcompile.passes.harden import hardened_sigmoids
 from fffcompile.runtime import FusedFFF
 from fffcompile.spec import FFFSpec
 from specs import make_spec
-from third_party import DenseLookAlike, SoftTreeMixture, TinyTransformer
+from third_party import DenseLookAlike, ModuleListTree, SoftTreeMixture, TinyTransformer
 
 D = 8
 
@@ -198,6 +198,24 @@ def test_fastfeedforward_package_training_forward_with_int_depth():
         truth = FFFSpec("leaf_mlp", int(layer.depth), act, layer.node_weights.detach(), layer.node_biases.detach()[:, 0],
                         layer.w1s.detach(), layer.b1s.detach(), layer.w2s.detach(), layer.b2s.detach(), source=got.source)
         assert got.same_as(truth, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("threshold", [False, True])
+def test_modulelist_tree_training_forward(threshold):
+    """Routers as Linear(d, 1) per node, leaves as one Sequential per leaf, node by node in Python."""
+    layer = ModuleListTree(D, D, depth=3, threshold=threshold)
+    model = TinyTransformer(D, [layer]).train()
+    fast = fffcompile.optimize(model, torch.randn(3, 5, D), frontends=("graph",))
+    assert [(r.form, r.depth) for r in fast.report.rewritten] == [("A", 3)]
+    got = fast.get_submodule(fused_calls(fast)[0].target).spec
+    bias = torch.cat([r.bias.detach() for r in layer.routers])
+    if threshold:
+        bias = bias - layer.threshold.detach()
+    truth = FFFSpec("leaf_mlp", 3, "gelu", torch.cat([r.weight.detach() for r in layer.routers]), bias,
+                    torch.stack([l[0].weight.detach().T for l in layer.leaves]), torch.stack([l[0].bias.detach() for l in layer.leaves]),
+                    torch.stack([l[2].weight.detach().T for l in layer.leaves]), torch.stack([l[2].bias.detach() for l in layer.leaves]),
+                    source=got.source)
+    assert got.same_as(truth, atol=2e-5, rtol=2e-4)
 
 
 LOOK_ALIKES = {
