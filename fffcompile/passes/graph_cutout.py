@@ -164,6 +164,23 @@ class Cutout:
             for a in self.inputs[n]:
                 self.last_use[a] = i
 
+    def _needed(self, want: tuple, overridden: frozenset) -> set:
+        """The cut-out nodes the wanted values read, not walking past overridden nodes (memoised)."""
+        key = (want, overridden)
+        cache = self.__dict__.setdefault("_needed_cache", {})
+        if key not in cache:
+            inside = set(self.nodes)
+            seen, stack = set(), [w for w in want]
+            while stack:
+                n = stack.pop()
+                if n in seen or n not in inside:
+                    continue
+                seen.add(n)
+                if n not in overridden:
+                    stack.extend(self.inputs[n])
+            cache[key] = seen
+        return cache[key]
+
     def _reinplaceable(self, n, i, env, protected) -> bool:
         """select_scatter(base, src, dim, index) may write into base: this is base's last reader, base's
         storage is not the input's, an override's or a constant's, and no value still live shares it."""
@@ -244,9 +261,12 @@ class Cutout:
             torch.set_default_dtype(torch.float64)
         try:
             with torch.no_grad():
+                needed = self._needed(tuple(want), frozenset(overrides))
                 for i, n in enumerate(self.nodes):
                     if not pending:
                         break
+                    if n not in needed:
+                        continue
                     if n in overrides:
                         env[n] = overrides[n]
                     elif n in self.alias:
