@@ -111,13 +111,15 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
             if found is not None:
                 break
             continue
-        for spec in specs:
+        for spec in _guarded(specs, y, refusals := []):
             outcome = confirm(cand, cut, spec, x_rows, seed)
             if isinstance(outcome, GraphConfirmed):
                 found = (cand, cut, y, outcome)
                 break
             best = _better(best, outcome)
         else:
+            for refusal in refusals:
+                best = _better(best, refusal)
             if found is not None:
                 break
     if found is not None:
@@ -143,6 +145,20 @@ def _extend_through_views(facts, cand, cut, y, outcome):
             break
         y = nxt
     return cand, cut, y, outcome
+
+
+def _guarded(specs, y, refusals: list):
+    """The specs of a (lazy) extraction; an exception while reading one becomes a refusal."""
+    iterator = iter(specs)
+    while True:
+        try:
+            spec = next(iterator)
+        except StopIteration:
+            return
+        except Exception as error:  # a third-party graph op the extractor cannot evaluate on probe rows
+            refusals.append(GraphRefused(f"extraction failed at {y.name} ({type(error).__name__}: {error})"))
+            return
+        yield spec
 
 
 def _better(best, new):
