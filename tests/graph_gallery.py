@@ -163,6 +163,19 @@ class PathMatrix(_LeafParams):
         return (mu.unsqueeze(-1) * h).sum(-2)
 
 
+class SoftplusSoftmax(PathMatrix):
+    """Leaf scores as a fixed 0/1 path matrix times softplus terms, normalised by a softmax:
+    log mu_j = -sum_right softplus(-z) - sum_left softplus(z)."""
+
+    def forward(self, x):
+        z = F.linear(x, self.W, self.b)
+        mu = torch.softmax(-(F.softplus(-z) @ self.R) - F.softplus(z) @ self.Lm, -1)
+        h = torch.einsum("...d,ldh->...lh", x, self.w1) + self.b1
+        if not self.linear:
+            h = torch.einsum("...lh,lho->...lo", _act(self.act)(h), self.w2) + self.b2
+        return torch.einsum("...l,...lo->...o", mu, h)
+
+
 class LinearNoBias(_LeafParams):
     """Nodes without bias (spec.node_bias must be zero), any leaves."""
 

@@ -20,7 +20,7 @@ from fffcompile.passes.harden import hardened_sigmoids
 from fffcompile.runtime import FusedFFF
 from fffcompile.spec import FFFSpec
 from specs import make_spec
-from third_party import DenseLookAlike, SoftTreeMixture, TinyTransformer
+from third_party import DenseLookAlike, ModuleListTree, SoftTreeMixture, TinyTransformer
 
 D = 8
 
@@ -72,6 +72,7 @@ CASES = {
     "table_relu2": (G.Table, dict(depth=2, activation="relu2")),
     "logsigmoid": (G.LogSigmoid, dict(depth=3, activation="silu")),
     "path_matrix": (G.PathMatrix, dict(depth=3)),
+    "softplus_softmax": (G.SoftplusSoftmax, dict(depth=3, activation="gelu")),
     "linear_nobias": (G.LinearNoBias, dict(depth=3, linear_leaves=True, activation="identity")),
     "threshold": (G.Threshold, dict(depth=2, activation="gelu_tanh")),
     "hard_index": (G.HardIndex, dict(depth=3, activation="gelu")),
@@ -115,7 +116,7 @@ def test_gallery_style_is_found_rewritten_and_exact(case):
             assert rel_err(out, oracle(x2)) < 1e-4
             if already_hard:
                 assert rel_err(out, model(x2)) < 1e-4
-            else:
+            elif cls is not G.SoftplusSoftmax:         # hardened_sigmoids does not know softplus
                 with hardened_sigmoids(rows=shape[0] * shape[1]):
                     assert rel_err(out, model(x2)) < 1e-4
     assert report.model_check["exactness vs the hardened original"].passed
@@ -171,6 +172,52 @@ def test_train_mode_graph_with_dropout_inside_the_tree():
     assert fast.report.model_check["exactness vs the hardened original"].passed
 
 
+class _PlainDepth(int):
+    """fastfeedforward reads ``self.depth.item()``; a plain int with .item() makes the layer capturable."""
+
+    def item(self):
+        return int(self)
+
+
+def test_fastfeedforward_package_training_forward_with_int_depth():
+    """The shipped package's own soft forward (per-level slices, in-place mul_ into views of the
+    mixture, leaves copied one by one into torch.empty) found and read off exactly."""
+    import fastfeedforward
+    layers = [fastfeedforward.FFF(D, 4, D, depth=3), fastfeedforward.FFF(D, 3, D, depth=2, activation=nn.GELU())]
+    for layer in layers:
+        depth = int(layer.depth.item())
+        del layer.depth
+        layer.depth = _PlainDepth(depth)
+    model = TinyTransformer(D, layers).train()
+    x = torch.randn(3, 5, D)
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert [(r.form, r.depth, r.frontend) for r in fast.report.rewritten] == [("A", 3, "fx"), ("A", 2, "fx")]
+    assert fast.report.model_check["exactness vs the hardened original"].passed
+    for call, layer, act in zip(fused_calls(fast), layers, ("relu", "gelu")):
+        got = fast.get_submodule(call.target).spec
+        truth = FFFSpec("leaf_mlp", int(layer.depth), act, layer.node_weights.detach(), layer.node_biases.detach()[:, 0],
+                        layer.w1s.detach(), layer.b1s.detach(), layer.w2s.detach(), layer.b2s.detach(), source=got.source)
+        assert got.same_as(truth, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("threshold", [False, True])
+def test_modulelist_tree_training_forward(threshold):
+    """Routers as Linear(d, 1) per node, leaves as one Sequential per leaf, node by node in Python."""
+    layer = ModuleListTree(D, D, depth=3, threshold=threshold)
+    model = TinyTransformer(D, [layer]).train()
+    fast = fffcompile.optimize(model, torch.randn(3, 5, D), frontends=("graph",))
+    assert [(r.form, r.depth) for r in fast.report.rewritten] == [("A", 3)]
+    got = fast.get_submodule(fused_calls(fast)[0].target).spec
+    bias = torch.cat([r.bias.detach() for r in layer.routers])
+    if threshold:
+        bias = bias - layer.threshold.detach()
+    truth = FFFSpec("leaf_mlp", 3, "gelu", torch.cat([r.weight.detach() for r in layer.routers]), bias,
+                    torch.stack([l[0].weight.detach().T for l in layer.leaves]), torch.stack([l[0].bias.detach() for l in layer.leaves]),
+                    torch.stack([l[2].weight.detach().T for l in layer.leaves]), torch.stack([l[2].bias.detach() for l in layer.leaves]),
+                    source=got.source)
+    assert got.same_as(truth, atol=2e-5, rtol=2e-4)
+
+
 LOOK_ALIKES = {
     "swapped_children": lambda: G.Swapped(_spec("x", depth=3)),
     "not_a_tree": lambda: G.NotATree(_spec("x", depth=3)),
@@ -220,7 +267,7 @@ def test_module_and_graph_frontends_together():
 # ----------------------------------------------------------------------------- property: extract == spec
 
 A_STYLES = {"hard_index": G.HardIndex, "hard_dense": G.HardDense, "packed": G.Packed, "unrolled": G.Unrolled, "table": G.Table, "logsigmoid": G.LogSigmoid, "path_matrix": G.PathMatrix,
-            "linear_nobias": G.LinearNoBias, "threshold": G.Threshold}
+            "softplus_softmax": G.SoftplusSoftmax, "linear_nobias": G.LinearNoBias, "threshold": G.Threshold}
 B_STYLES = {"ultrafast": G.UltraFast, "one_hot": G.OneHot}
 
 

@@ -47,9 +47,8 @@ AFFINE = MOVES | SCATTERS | {
 # ops whose output is linear in one operand when every other operand is constant
 BILINEAR = {"mul", "div", "matmul", "mm", "bmm", "linear", "addmm", "einsum", "baddbmm"}
 
-SOFT_DECISIONS = {"sigmoid", "expit", "special_expit", "log_sigmoid", "logsigmoid", "log_sigmoid_forward"}
+SOFT_DECISIONS = {"sigmoid", "expit", "special_expit", "log_sigmoid", "logsigmoid", "log_sigmoid_forward", "softplus"}
 HARD_DECISIONS = {"gt", "ge"}
-ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "tanh": "tanh", "hardtanh": None}
 
 
 def op_name(node: fx.Node, module: Optional[torch.nn.Module] = None) -> str:

@@ -107,6 +107,17 @@ def hard_log(step: torch.Tensor) -> torch.Tensor:
     return (1 - step) * LOG_ZERO
 
 
+def harden_value(name: str, z: torch.Tensor, tie: str) -> torch.Tensor:
+    """A soft decision op hardened: s(z) -> [z >= 0]; log s(z) -> log [z >= 0];
+    softplus(z) = -log s(-z) -> -log (1 - [z >= 0])."""
+    step = hard_step(z, tie)
+    if name in ("log_sigmoid", "logsigmoid"):
+        return hard_log(step)
+    if name == "softplus":
+        return -hard_log(1 - step)
+    return step
+
+
 class Cutout:
     def __init__(self, facts: GraphFacts, constants: ConstantCache, x: fx.Node, y: fx.Node):
         self.facts, self.constants, self.x, self.y = facts, constants, x, y
@@ -152,6 +163,23 @@ class Cutout:
         for i, n in enumerate(self.nodes):
             for a in self.inputs[n]:
                 self.last_use[a] = i
+
+    def _needed(self, want: tuple, overridden: frozenset) -> set:
+        """The cut-out nodes the wanted values read, not walking past overridden nodes (memoised)."""
+        key = (want, overridden)
+        cache = self.__dict__.setdefault("_needed_cache", {})
+        if key not in cache:
+            inside = set(self.nodes)
+            seen, stack = set(), [w for w in want]
+            while stack:
+                n = stack.pop()
+                if n in seen or n not in inside:
+                    continue
+                seen.add(n)
+                if n not in overridden:
+                    stack.extend(self.inputs[n])
+            cache[key] = seen
+        return cache[key]
 
     def _reinplaceable(self, n, i, env, protected) -> bool:
         """select_scatter(base, src, dim, index) may write into base: this is base's last reader, base's
@@ -233,9 +261,12 @@ class Cutout:
             torch.set_default_dtype(torch.float64)
         try:
             with torch.no_grad():
+                needed = self._needed(tuple(want), frozenset(overrides))
                 for i, n in enumerate(self.nodes):
                     if not pending:
                         break
+                    if n not in needed:
+                        continue
                     if n in overrides:
                         env[n] = overrides[n]
                     elif n in self.alias:
@@ -247,7 +278,7 @@ class Cutout:
                     elif n in harden:
                         z = lookup(n.args[0])
                         step = hard_step(z, harden[n])
-                        env[n] = hard_log(step) if self.facts.name[n] in ("log_sigmoid", "logsigmoid") else step
+                        env[n] = harden_value(self.facts.name[n], z, harden[n])
                     else:
                         env[n] = _execute(self.facts.gm, n, lookup, double)
                     pending.discard(n)

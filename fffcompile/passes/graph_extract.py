@@ -244,13 +244,16 @@ def extract_neuron_tree(facts: GraphFacts, cand: Candidate, cut: Cutout, d_in: i
         return C
     if C != K:
         return f"{K} decisions but {C} activations"
-    specs = []
-    for depth in range(0, 24):
+    readings = [d for d in range(1, 24) if 2 ** (d + 1) - 1 <= K and K % (2 ** (d + 1) - 1) == 0]
+    if not readings:
+        return f"{K} neurons do not make P trees of 2^(D+1) - 1 nodes (D >= 1)"
+    return _neuron_readings(cut, cand, d_in, K, W, b, act, act_out, tie, sorted(readings, reverse=True))
+
+
+def _neuron_readings(cut, cand, d_in, K, W, b, act, act_out, tie, depths):
+    """Specs for each depth reading, deepest (fewest trees) first, computed only when asked for."""
+    for depth in depths:
         n = 2 ** (depth + 1) - 1
-        if n > K:
-            break
-        if K % n:
-            continue
         P = K // n
         # a path through column c: level-uniform signs that lead to the leftmost leaf below c
         level = torch.tensor([(k + 1).bit_length() - 1 for k in range(n)])
@@ -265,11 +268,11 @@ def extract_neuron_tree(facts: GraphFacts, cand: Candidate, cut: Cutout, d_in: i
                          overrides={**_split(cut, act_out, H), **_split(cut, cand.sources, logits)}, double=True).double()
         V = Y[1:] - Y[0]
         try:
-            specs.append(FFFSpec("neuron_tree", depth, act, node_weight=W.reshape(P, n, d_in), node_bias=b.reshape(P, n),
+            yield (FFFSpec("neuron_tree", depth, act, node_weight=W.reshape(P, n, d_in), node_bias=b.reshape(P, n),
                                  out_weight=V.reshape(P, n, -1), out_bias=Y[0], tie=tie, source="hard"))
         except InvalidSpecError:
             continue
-    return specs or f"{K} neurons do not make P trees of 2^(D+1) - 1 nodes"
+
 
 
 def _path_bits(target: int, length: int) -> list[int]:

@@ -17,6 +17,7 @@ anchored again. Nothing found: the model comes back as it was (not as a graph). 
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
@@ -110,13 +111,15 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
             if found is not None:
                 break
             continue
-        for spec in specs:
+        for spec in _guarded(specs, y, refusals := []):
             outcome = confirm(cand, cut, spec, x_rows, seed)
             if isinstance(outcome, GraphConfirmed):
                 found = (cand, cut, y, outcome)
                 break
             best = _better(best, outcome)
         else:
+            for refusal in refusals:
+                best = _better(best, refusal)
             if found is not None:
                 break
     if found is not None:
@@ -144,6 +147,20 @@ def _extend_through_views(facts, cand, cut, y, outcome):
     return cand, cut, y, outcome
 
 
+def _guarded(specs, y, refusals: list):
+    """The specs of a (lazy) extraction; an exception while reading one becomes a refusal."""
+    iterator = iter(specs)
+    while True:
+        try:
+            spec = next(iterator)
+        except StopIteration:
+            return
+        except Exception as error:  # a third-party graph op the extractor cannot evaluate on probe rows
+            refusals.append(GraphRefused(f"extraction failed at {y.name} ({type(error).__name__}: {error})"))
+            return
+        yield spec
+
+
 def _better(best, new):
     if best is None:
         return new
@@ -166,7 +183,14 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
         report.notes.append(f"graph frontend: the model could not be captured ({captured.reason})")
         return work
     gm = captured.module
-    facts, outcomes = analyse(gm, inputs, example_kwargs or {}, seed)
+    try:
+        facts, outcomes = analyse(gm, inputs, example_kwargs or {}, seed)
+    except Exception as error:   # never let the graph pass break a model the module frontend handled
+        if os.environ.get("FFFCOMPILE_DEBUG"):
+            raise
+        report.notes.append(f"graph frontend: analysis failed ({type(error).__name__}: {error}); the graph is left as "
+                            f"it was (FFFCOMPILE_DEBUG=1 shows the traceback)")
+        return work
     confirmed = []
     taken: set = set()
     for cand, cut, y, outcome in outcomes:

@@ -20,15 +20,7 @@ from torch import fx
 from ..runtime.fused_module import FusedFFF
 from ..spec import FFFSpec
 from .graph_canonical import hint_shape
-from .graph_cutout import hard_log
-
-
-def hardened_sigmoid(z: torch.Tensor, tie: str = "ge") -> torch.Tensor:
-    return ((z >= 0) if tie == "ge" else (z > 0)).to(z.dtype)
-
-
-def hardened_log_sigmoid(z: torch.Tensor, tie: str = "ge") -> torch.Tensor:
-    return hard_log(hardened_sigmoid(z, tie))
+from .graph_cutout import harden_value
 
 
 def _copy(gm: fx.GraphModule):
@@ -111,9 +103,8 @@ def hardened_original(gm: fx.GraphModule, confirmed: list) -> fx.GraphModule:
             continue
         for d in cand.decisions:
             node = mapping[d]
-            fn = hardened_log_sigmoid if op_name(d, gm) in ("log_sigmoid", "logsigmoid") else hardened_sigmoid
             with graph.inserting_after(node):
-                hard = graph.call_function(fn, (node.args[0], "ge"))
+                hard = graph.call_function(harden_value, (op_name(d, gm), node.args[0], "ge"))
             node.replace_all_uses_with(hard)
             graph.erase_node(node)
     return _module(gm, graph, {})
