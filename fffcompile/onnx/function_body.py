@@ -102,7 +102,7 @@ class _Body:
                 kwargs["end"] = end
             return self.op("Shape", name, **kwargs)
         full = self.op("Shape", name)
-        return self.op("Slice", full, self.const([start]), self.const([end if end is not None else 2 ** 62]))
+        return self.op("Slice", full, self.const([start]), self.const([end if end is not None else 2 ** 62]), self.const([0]))
 
 
 def _activation(body: _Body, name: str, activation: str) -> str:
@@ -161,7 +161,7 @@ def _top_block(body: _Body, xa: str, wa: str, config: NodeConfig, levels: int, t
         top = body.op("Gather", wa, body.const(rows))
         logits = body.op("Reshape", body.op("Gemm", xa, top, transB=1), body.const([0, config.trees, nodes]))
     else:
-        top = body.op("Slice", wa, body.const([0]), body.const([nodes]))
+        top = body.op("Slice", wa, body.const([0]), body.const([nodes]), body.const([0]))   # axes explicit: TensorRT's parser defaults them to every axis
         logits = body.op("Gemm", xa, top, transB=1)
     turns, _ = block_paths(levels)
     signs = body.op("Where", _goes_right(body, logits, config.tie), body.real(1.0), body.real(-1.0))
