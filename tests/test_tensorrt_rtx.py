@@ -105,13 +105,14 @@ def test_parser_binds_local_functions_by_op_type_alone(tmp_path):
     # The exporter's constraint, measured: two LeafMLPTree nodes of depths 7 and 6 whose functions
     # are told apart by ONNX's function overload (as fff_node writes them). ONNX Runtime honours the
     # overloads; TensorRT's parser keys local functions by name only and inlines the first body for
-    # both nodes (the depth-7 body: 2 per-level gathers below the 5-level top block, 2 for the leaf),
+    # both nodes (the depth-7 body: 2 per-level gathers below the 5-level top block, 2 for the leaf,
+    # 3 that reorder the weights),
     # so the depth-6 node would run a depth-7 descent. Function bodies must therefore not depend on
     # anything but the inputs' shapes, or each distinct body needs its own op_type.
     deep = make_spec(depth=7, d_in=8, d_out=8, leaf_width=4, seed=1)
     shallow = make_spec(depth=6, d_in=8, d_out=8, leaf_width=4, seed=2)
     alone = {spec.depth: _gathers(parse(fff_model(spec))[1])["fff (LeafMLPTree)]"] for spec in (deep, shallow)}
-    assert alone == {7: 4, 6: 3}
+    assert alone == {7: 7, 6: 6}
     graph = helper.make_graph([], "two", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", 8])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", 8])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -123,7 +124,7 @@ def test_parser_binds_local_functions_by_op_type_alone(tmp_path):
     expected = reference.hard(shallow, reference.hard(deep, x))
     assert np.abs(run_ort(model, x).numpy() - expected.numpy()).max() < 1e-5
 
-    assert _gathers(parse(model)[1]) == {"fff (LeafMLPTree)]": 4, "fff2 (LeafMLPTree)]": 4}
+    assert _gathers(parse(model)[1]) == {"fff (LeafMLPTree)]": 7, "fff2 (LeafMLPTree)]": 7}
 
 
 @pytest.mark.parametrize("name, op", [("fff", "LeafMLPTree"), ("neuron_tree", "NeuronTree")])
