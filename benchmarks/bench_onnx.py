@@ -14,7 +14,8 @@ token; d = 768; GELU; tie "gt"). Three files, built here in the same run:
 The fffcompile file must equal the soft file (form B's training graph is already hard); the run
 stops otherwise. Each file runs in ONNX Runtime (CPU, ``--threads`` intra-op threads, 1 by
 default, sequential execution) on the same inputs, interleaved, ``--rounds`` rounds; the table
-reports the best round's time per call and the ratios soft/fffcompile and dense/fffcompile.
+reports the median round's time per call (the machine is shared and noisy: the median of interleaved
+rounds, not the best) and the ratios soft/fffcompile and dense/fffcompile.
 
     python benchmarks/bench_onnx.py [--batches 1 128 4096] [--threads 1] [--rounds 15] [--frontend]
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -161,15 +163,15 @@ def main(argv=None) -> int:
 
     print(f"ONNX Runtime {ort.__version__}, {args.threads} thread(s); {args.trees}x{args.depth} neuron tree, "
           f"width {args.width}, {hidden} neurons ({args.trees * (args.depth + 1)} used per row); "
-          f"fffcompile == soft to {error:.1e}; best of {args.rounds} rounds")
+          f"fffcompile == soft to {error:.1e}; median of {args.rounds} interleaved rounds")
     print(f"{'batch':>6} {'fffcompile':>12} {'soft':>12} {'dense':>12} {'soft/fff':>9} {'dense/fff':>10}")
     for batch in args.batches:
         feed = {"x": rng.standard_normal((batch, args.width)).astype(np.float32)}
-        best = {name: float("inf") for name in sessions}
+        times = {name: [] for name in sessions}
         for _ in range(args.rounds):
             for name, s in sessions.items():
-                best[name] = min(best[name], time_call(s, feed, args.budget))
-        f, s_, d = best["fffcompile"], best["soft"], best["dense"]
+                times[name].append(time_call(s, feed, args.budget))
+        f, s_, d = (statistics.median(times[name]) for name in ("fffcompile", "soft", "dense"))
         print(f"{batch:>6} {f * 1e6:>10.1f}us {s_ * 1e6:>10.1f}us {d * 1e6:>10.1f}us {s_ / f:>8.1f}x {d / f:>9.1f}x",
               flush=True)
     return 0

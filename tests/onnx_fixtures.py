@@ -100,6 +100,24 @@ class SharedInput(nn.Module):
         return self.fff(x) + self.skip(x)
 
 
+class TwoOnOneInput(nn.Module):
+    """Two FFFs routing the same input, summed: their router sigmoids share X, so detection groups them at first."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.a, self.b = FFF(d, d, 2, 3), FFF(d, d, 3, 2, activation="gelu")
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class TwoOutputsOneInput(TwoOnOneInput):
+    """The same two FFFs with separate outputs (they never meet downstream)."""
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
 def _spec_linear_leaves(m: LinearLeafTree) -> FFFSpec:
     return FFFSpec(form="leaf_mlp", depth=m.depth, activation="identity", node_weight=m.nodes.weight.detach(),
                    node_bias=m.nodes.bias.detach(), leaf_w1=m.w.detach(), leaf_b1=m.b.detach(), tie="ge")
@@ -204,6 +222,8 @@ CASES: dict[str, Case] = {
     "stack": Case(lambda: nn.Sequential(nn.Linear(8, 8), FFF(8, 8, 2, 4), nn.LayerNorm(8), UltraFastBERTFFF(8, 8, 2, 2),
                                         nn.GELU(), FFF(8, 3, 3, 2, activation="silu")), (2, 5, 8), 3),
     "shared_input": Case(lambda: SharedInput(6), (4, 6), 1),
+    "two_on_one_input": Case(lambda: TwoOnOneInput(6), (4, 6), 2),
+    "two_outputs_one_input": Case(lambda: TwoOutputsOneInput(6), (4, 6), 2, exporters=("dynamo",)),
     # look-alikes: nothing to rewrite
     "shared_producer": Case(lambda: SharedProducer(7, 4, 3), (4, 7), 0),
     "softmax_moe": Case(lambda: SoftTreeMixture(8, kind="softmax_moe"), (4, 8), 0),
@@ -234,7 +254,8 @@ def _directory() -> str:
 def export(module: nn.Module, x: torch.Tensor, path: str, exporter: str, opset: Optional[int] = None) -> str:
     dims = ["B", "S"][:x.dim() - 1]
     with torch.no_grad():
-        out_rank = module(x).dim()
+        y = module(x)
+        out_rank = (y[0] if isinstance(y, tuple) else y).dim()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":

@@ -63,7 +63,8 @@ def hard_reference(name: str, x: torch.Tensor):
     if name == "soft_tree":
         return None
     with torch.no_grad():
-        return copy.deepcopy(module).eval()(x)
+        y = copy.deepcopy(module).eval()(x)
+    return y[0] if isinstance(y, tuple) else y              # the tests compare the first output
 
 
 def other_shapes(name):

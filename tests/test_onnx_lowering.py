@@ -25,7 +25,7 @@ from fffcompile.errors import InvalidModelError
 from fffcompile.onnx import attach_functions, fff_configurations, fff_node, insert_fff_nodes
 from fffcompile.onnx.attach import raise_opset
 from fffcompile.onnx.contract import DOMAIN, MIN_OPSET, NodeConfig
-from fffcompile.onnx.function_body import TOP_BLOCK_LEVELS, block_paths
+from fffcompile.onnx.function_body import TOP_BLOCK_LEVELS, block_paths, descent_order
 from fffcompile.spec import ACTIVATIONS
 from onnx_models import fff_model, run_ort, run_reference
 from specs import batch_shapes, make_spec, random_input, specs
@@ -108,6 +108,20 @@ def test_block_paths_score_the_reached_leaf_uniquely():
             signs[[n for n in range(2 ** levels - 1) if n not in visited[leaf]]] = 0.0
             scores = signs @ turns
             assert scores[leaf] == levels and np.sort(scores)[-2] <= levels - 2
+
+
+@pytest.mark.parametrize("depth,top", [(0, 0), (3, 3), (6, 2), (8, 5)])
+def test_descent_order_walks_every_path_by_adding_2_to_the_k(depth, top):
+    """A permutation, unchanged down to level ``top``; from the top block's exit, G += 2^k (1 + right) reaches
+    the row of the heap node 2 n + 1 + right at every level, for every path."""
+    order = descent_order(depth, top)
+    assert sorted(order) == list(range(2 ** (depth + 1) - 1)) and list(order[:2 ** (top + 1) - 1]) == list(range(2 ** (top + 1) - 1))
+    row_of = np.argsort(order)
+    for start in range(2 ** top - 1, 2 ** (top + 1) - 1):
+        rows = [(start, start)]                                      # (row G, heap node n)
+        for k in range(top, depth):
+            rows = [(g + 2 ** k * (1 + r), 2 * n + 1 + r) for g, n in rows for r in (0, 1)]
+        assert all(row_of[n] == g for g, n in rows)
 
 
 @pytest.mark.parametrize("spec", [make_spec(depth=3), make_spec(depth=0, linear_leaves=True, activation="identity"),

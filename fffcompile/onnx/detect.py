@@ -13,6 +13,10 @@
   data-dependent Gather/GatherElements/GatherND from a projection of X (every node's logit);
   all such comparisons of one X form one candidate ("H").
 
+Two soft trees routing the same X land in one sigmoid group; when that group is not confirmed,
+``split_by_outputs`` splits it where its sigmoids meet last downstream (the sum or product of the
+trees' outputs), or into the sets that never meet, and each part is tried on its own.
+
 Sigmoids of constants (form C's blend ``s(k)``) and sigmoids whose output is read together with
 their input by one op (an activation such as SiLU, ``a * s(a)``) are no anchors. Nothing is rewritten on the
 strength of an anchor: ``region`` finds the subgraph, ``extract`` the spec, ``confirm`` the
@@ -90,3 +94,55 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
         candidates.append(Candidate("H", x, comparisons, tie=tie))
     candidates.sort(key=lambda c: c.anchors[0])
     return candidates
+
+
+def split_by_outputs(index: GraphIndex, candidate: Candidate) -> list[Candidate]:
+    """The candidate's anchors as the groups whose downstream values meet last (or never): [] when they
+    cannot be split (one anchor, or one group).
+
+    Each anchor starts a group; walking the graph in order, a node that reads values of several groups
+    merges them. Every tree's own sigmoids meet inside the tree (its mixture); two trees meet only where
+    their outputs are combined, after both. The groups just before the last merge are the parts."""
+    if len(candidate.anchors) < 2:
+        return []
+
+    def walk(stop_at: int):
+        parent = {a: a for a in candidate.anchors}
+
+        def find(a):
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        group_of: dict[str, int] = {}
+        merges = 0
+        for i, node in enumerate(index.nodes):
+            if i in parent:
+                group_of[node.output[0]] = i
+                continue
+            roots = {find(group_of[t]) for t in node.input if t in group_of}
+            if not roots:
+                continue
+            if len(roots) > 1:
+                if merges == stop_at:
+                    break
+                merges += 1
+                first, *rest = sorted(roots)
+                for r in rest:
+                    parent[r] = first
+            root = find(next(iter(roots)))
+            for out in node.output:
+                if out:
+                    group_of[out] = root
+        groups: dict[int, list[int]] = {}
+        for a in candidate.anchors:
+            groups.setdefault(find(a), []).append(a)
+        return merges, list(groups.values())
+
+    merges, groups = walk(stop_at=-1)
+    if len(groups) == 1:
+        _, groups = walk(stop_at=merges - 1)
+    if len(groups) < 2:
+        return []
+    return [Candidate(candidate.form, candidate.x, g, candidate.tie, list(candidate.notes)) for g in groups]

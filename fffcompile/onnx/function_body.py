@@ -15,10 +15,13 @@ Notation: R rows (X flattened to (R, d_in) once), D depth, heap-ordered nodes.
    [z > 0] for "gt") else -1; the block leaf t = argmax_j (s C)_j with C[n, j] = +1 / -1 when
    leaf j's path turns right / left at node n (0 off the path): the reached leaf scores K, every
    other leaf at most K - 2, so the argmax is unique and exact in floating point.
-3. The remaining levels one at a time, node index A (R,) int64 (form B: (R, P, 1), tree p's rows
-   offset by p n), heap node of level K first: w = Gather(Wa, A); z = ReduceSum(w * Xa, -1);
-   A = 2 A + Where(right, 2, 1) (form A: the last level folds in "- (2^D - 1)" and yields the
-   leaf j). Seven ops a level, no per-level shape arithmetic. (Measured in ONNX Runtime and left
+3. The remaining levels one at a time, row index G (R,) int64 (form B: (R, P, 1), tree p's rows
+   offset by p n), heap node of level K first: w = Gather(Wa, G); z = ReduceSum(w * Xa, -1);
+   G = G + Where(right, 2^(k+1), 2^k). The rows below the top block are stored in descent order
+   (``descent_order``: level k's turn at bit k of the row's code, so no multiply by 2; the Gathers
+   that reorder Wa, the leaves or V depend on initializers only and are folded); form A's last
+   level folds in "- (2^D - 1)" and yields the (reordered) leaf j. Six ops a level, no per-level
+   shape arithmetic. (Measured in ONNX Runtime and left
    out as slower or no faster: the dot as a batched MatMul or Einsum, the bias as its own
    Gather + Add, an ArgMax decision per level, a top block of 4, 6 or 7 levels, form B's
    top-block output rows as a masked Gemm.)
@@ -102,7 +105,7 @@ class _Body:
                 kwargs["end"] = end
             return self.op("Shape", name, **kwargs)
         full = self.op("Shape", name)
-        return self.op("Slice", full, self.const([start]), self.const([end if end is not None else 2 ** 62]))
+        return self.op("Slice", full, self.const([start]), self.const([end if end is not None else 2 ** 62]), self.const([0]))
 
 
 def _activation(body: _Body, name: str, activation: str) -> str:
@@ -152,6 +155,23 @@ def block_paths(levels: int) -> tuple[np.ndarray, np.ndarray]:
     return turns, visited
 
 
+def descent_order(depth: int, top: int) -> np.ndarray:
+    """Heap rows in descent order: row 2^k - 1 + c holds heap node 2^k - 1 + m, where for levels k > ``top``
+    the code c keeps the top block's leaf in its low ``top`` bits and puts the turn taken at level j (j >= top)
+    at bit j (m, the heap order, has the turns most significant first). Levels <= ``top`` are unchanged.
+
+    In this order a row's index after level k is G_{k+1} = G_k + 2^k (1 + right_k): one Where and one Add
+    per level, no multiply."""
+    order = np.arange(2 ** (depth + 1) - 1)
+    for k in range(top + 1, depth + 1):
+        m = np.arange(2 ** k)
+        c = m >> (k - top)
+        for j in range(top, k):
+            c = c + (((m >> (k - 1 - j)) & 1) << j)
+        order[2 ** k - 1 + c] = 2 ** k - 1 + m
+    return order
+
+
 def _top_block(body: _Body, xa: str, wa: str, config: NodeConfig, levels: int, trees_axis: bool):
     """Logits of the first ``levels`` levels (R, [P,] M) and the leaf t of the block (R[, P]) per row/tree."""
     nodes = 2 ** levels - 1
@@ -161,7 +181,7 @@ def _top_block(body: _Body, xa: str, wa: str, config: NodeConfig, levels: int, t
         top = body.op("Gather", wa, body.const(rows))
         logits = body.op("Reshape", body.op("Gemm", xa, top, transB=1), body.const([0, config.trees, nodes]))
     else:
-        top = body.op("Slice", wa, body.const([0]), body.const([nodes]))
+        top = body.op("Slice", wa, body.const([0]), body.const([nodes]), body.const([0]))   # axes explicit: TensorRT's parser defaults them to every axis
         logits = body.op("Gemm", xa, top, transB=1)
     turns, _ = block_paths(levels)
     signs = body.op("Where", _goes_right(body, logits, config.tie), body.real(1.0), body.real(-1.0))
@@ -196,14 +216,18 @@ def _leaf_mlp_tree(body: _Body, config: NodeConfig, xa: str) -> tuple[str, str]:
     levels = min(depth, TOP_BLOCK_LEVELS)
     _, node = _top_block(body, xa, wa, config, levels, trees_axis=False)
     routing = 2 ** depth - 1
-    if levels < depth:
+    if levels < depth:                          # rows, leaves in descent order (folded at session build)
+        order = descent_order(depth, levels)
+        wa = body.op("Gather", wa, body.const(order[:routing]))
+        leaves = body.const(order[routing:] - routing)
+        w1 = body.op("Gather", w1, leaves)
+        w2 = None if w2 is None else body.op("Gather", w2, leaves)
         node = body.op("Add", node, body.const(2 ** levels - 1))
     for level in range(levels, depth):
         z = body.reduce_sum_last(body.op("Mul", body.op("Gather", wa, node), xa))
-        last = level == depth - 1
-        step = body.op("Where", _goes_right(body, z, config.tie),
-                       body.const(2 - routing if last else 2), body.const(1 - routing if last else 1))
-        node = body.op("Add", body.op("Mul", node, body.const(2)), step)
+        last = 0 if level < depth - 1 else routing            # the last level yields the leaf's row
+        node = body.op("Add", node, body.op("Where", _goes_right(body, z, config.tie),
+                                            body.const(2 ** (level + 1) - last), body.const(2 ** level - last)))
     leaf = node
     h = body.op("MatMul", body.unsqueeze(xa, 1), body.op("Gather", w1, leaf))              # (R, 1, l)
     h = _activation(body, h, config.activation)
@@ -220,6 +244,10 @@ def _neuron_tree(body: _Body, config: NodeConfig, xa: str) -> tuple[str, str]:
     offsets = np.arange(trees) * n
     wa = _augmented_nodes(body, "node_weight", "node_bias", config)
     out_weight = body.to_compute(body.op("Flatten", "out_weight", axis=2))   # (P n, d_out)
+    if depth > TOP_BLOCK_LEVELS:                # rows in descent order, per tree (folded at session build)
+        order = (descent_order(depth, TOP_BLOCK_LEVELS)[None] + offsets[:, None]).reshape(-1)
+        wa = body.op("Gather", wa, body.const(order))
+        out_weight = body.op("Gather", out_weight, body.const(order))
     out_bias = body.to_compute("out_bias")
     if depth == 0:
         a = _activation(body, body.op("Gemm", xa, wa, transB=1), config.activation)     # (R, P)
@@ -241,9 +269,8 @@ def _neuron_tree(body: _Body, config: NodeConfig, xa: str) -> tuple[str, str]:
         zs.append(z)
         nodes.append(node)
         if level < depth:
-            step = body.op("Where", _goes_right(body, z, config.tie), body.const((2 - offsets)[:, None]),
-                           body.const((1 - offsets)[:, None]))
-            node = body.op("Add", body.op("Mul", node, body.const(2)), step)
+            node = body.op("Add", node, body.op("Where", _goes_right(body, z, config.tie),
+                                                body.const(2 ** (level + 1)), body.const(2 ** level)))
     visits = trees * (depth + 1)
     a = _activation(body, body.op("Concat", *zs, axis=2), config.activation)         # (R, P, D + 1)
     a = body.op("Reshape", a, body.const([0, 1, visits]))                             # (R, 1, P (D + 1))

@@ -35,7 +35,7 @@ from ..spec import FFFSpec
 from .attach import insert_fff_nodes, raise_opset
 from .confirm import confirm
 from .contract import check_target
-from .detect import Candidate, find_candidates
+from .detect import Candidate, find_candidates, split_by_outputs
 from .extract_leaf_tree import NotExtracted, extract_leaf_tree
 from .extract_hard_leaf_tree import extract_hard_leaf_tree
 from .extract_neuron_tree import extract_neuron_tree
@@ -159,47 +159,69 @@ def other_uses(index: GraphIndex, candidate: Candidate) -> set[str]:
     return uses
 
 
+def _confirm(index: GraphIndex, candidate: Candidate, where: str, taken: set[int]) -> tuple[Optional[Found], list[str]]:
+    """The largest confirmed region of ``candidate`` outside ``taken`` (or None), and the reasons of the refusals."""
+    reasons = []
+    result = None
+    outputs = [index.nodes[i].output[0] for i in candidate.anchors]
+    uses = other_uses(index, candidate) if candidate.form != "H" else set()
+    for region, why in candidate_regions(index, candidate.x, outputs, uses):
+        if region is None:
+            if result is None:
+                reasons.append(why)
+            continue
+        if region.x_nodes & taken:
+            reasons.append(f"{region.y!r} overlaps an FFF already found")
+            continue
+        if result is not None and region.y in {o for i in result.region.x_nodes for o in index.nodes[i].output}:
+            continue        # already inside the confirmed region (a layout extension taken at once)
+        if result is not None and not _extends(index, result.region, region, candidate.form):
+            break
+        layout_only = result is not None and _extends(index, result.region, region, "A")
+        attempt, why = _try_region(index, candidate, region, result if layout_only else None)
+        if os.environ.get("FFFCOMPILE_DEBUG"):
+            print(f"fffcompile onnx: {where} at {region.y!r}: {'confirmed' if attempt else why}", file=sys.stderr)
+        if attempt is not None:
+            result = attempt        # a larger confirmed region (an output projection, a reshape) wins
+        elif result is not None:
+            break
+        else:
+            reasons.extend(why)
+    return result, reasons
+
+
 def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]:
-    """Confirmed FFFs (disjoint regions) and the candidates left, with reasons."""
+    """Confirmed FFFs (disjoint regions) and the candidates left, with reasons.
+
+    A soft candidate that is not confirmed as a whole is split where its sigmoids meet last
+    (``detect.split_by_outputs``: two trees routing one input); when a part is confirmed, every part
+    is reported on its own, otherwise the candidate as a whole."""
     found, left, taken = [], [], set()
     for candidate in find_candidates(index):
         where = candidate.where(index)
         if any(a in taken for a in candidate.anchors):
             continue
-        reasons = []
-        result = None
-        outputs = [index.nodes[i].output[0] for i in candidate.anchors]
-        uses = other_uses(index, candidate) if candidate.form != "H" else set()
-        for region, why in candidate_regions(index, candidate.x, outputs, uses):
-            if region is None:
-                if result is None:
-                    reasons.append(why)
+        result, reasons = _confirm(index, candidate, where, taken)
+        attempts = [(candidate, where, result, reasons)]
+        if result is None and candidate.form == "A":
+            parts = []
+            for part in split_by_outputs(index, candidate):
+                part_where = part.where(index)
+                part_result, part_reasons = _confirm(index, part, part_where, taken)
+                if part_result is not None:
+                    taken |= part_result.region.x_nodes
+                parts.append((part, part_where, part_result, part_reasons))
+            if any(r is not None for _, _, r, _ in parts):
+                attempts = parts
+        for candidate, where, result, reasons in attempts:
+            if result is None:
+                reason = reasons[-1] if reasons else "no closed subgraph depends on all of its decisions"
+                nearest = next((r for r in reversed(reasons) if "differs from the extracted" in r), None)
+                left.append(Left(where, reason, near_miss=nearest if nearest != reason else None, frontend="onnx"))
                 continue
-            if region.x_nodes & taken:
-                reasons.append(f"{region.y!r} overlaps an FFF already found")
-                continue
-            if result is not None and region.y in {o for i in result.region.x_nodes for o in index.nodes[i].output}:
-                continue        # already inside the confirmed region (a layout extension taken at once)
-            if result is not None and not _extends(index, result.region, region, candidate.form):
-                break
-            layout_only = result is not None and _extends(index, result.region, region, "A")
-            attempt, why = _try_region(index, candidate, region, result if layout_only else None)
-            if os.environ.get("FFFCOMPILE_DEBUG"):
-                print(f"fffcompile onnx: {where} at {region.y!r}: {'confirmed' if attempt else why}", file=sys.stderr)
-            if attempt is not None:
-                result = attempt        # a larger confirmed region (an output projection, a reshape) wins
-            elif result is not None:
-                break
-            else:
-                reasons.extend(why)
-        if result is None:
-            reason = reasons[-1] if reasons else "no closed subgraph depends on all of its decisions"
-            nearest = next((r for r in reversed(reasons) if "differs from the extracted" in r), None)
-            left.append(Left(where, reason, near_miss=nearest if nearest != reason else None, frontend="onnx"))
-            continue
-        _log(progress, f"found {result.spec.describe()} at {where}")
-        found.append(result)
-        taken |= result.region.x_nodes
+            _log(progress, f"found {result.spec.describe()} at {where}")
+            found.append(result)
+            taken |= result.region.x_nodes
     return found, left
 
 

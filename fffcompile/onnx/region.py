@@ -6,7 +6,9 @@ neuron tree) and whose backward slice, cut at X, is *closed*:
 - every node of the slice either depends on X or computes constants (shared constant nodes
   may stay for other users; they are removed only when nothing reads them any more);
 - every value the slice computes from X other than Y is read only inside the slice and is no
-  graph output (otherwise removing the slice would change something else: a shared producer);
+  graph output (otherwise removing the slice would change something else: a shared producer),
+  except X's shape arithmetic (Shape/Size of X and integer ops on it, which an exporter may share
+  between two layers on one input): such nodes stay in the graph (not in ``x_nodes``);
 - the slice reads nothing but X and constants (no second input, no value from elsewhere).
 
 Candidates for Y are visited in graph order (linear time: anchor sets are propagated forward
@@ -78,15 +80,38 @@ def closed_region(index: GraphIndex, x: str, y: str, forward: set[int]) -> tuple
                     sources.append(name)
                 continue
             return None, f"the subgraph producing {y!r} reads {name!r} from outside"
-    for i in x_nodes:
+    shape_of_x = _shape_arithmetic(index, x, x_nodes, static)
+    shared: set[int] = set()
+    for i in sorted(x_nodes):
         for out in index.nodes[i].output:
             if not out or out == y:
                 continue
             if out in index.graph_outputs:
                 return None, f"{out!r} inside the FFF is also a graph output"
             if any(c not in nodes for c in index.consumers.get(out, ())):
-                return None, f"{out!r} inside the FFF is also read elsewhere"
-    return Region(x, y, nodes, x_nodes, tuple(sources)), ""
+                if i not in shape_of_x:
+                    return None, f"{out!r} inside the FFF is also read elsewhere"
+                shared.add(i)
+    if shared:           # X's shape arithmetic that others read too (an exporter's CSE) stays in the graph
+        stack = list(shared)
+        while stack:
+            for name in index.inputs_of[stack.pop()]:
+                producer = index.producer.get(name)
+                if producer in shape_of_x and producer not in shared:
+                    shared.add(producer)
+                    stack.append(producer)
+    return Region(x, y, nodes, x_nodes - shared, tuple(sources)), ""
+
+
+def _shape_arithmetic(index: GraphIndex, x: str, x_nodes: set[int], static: set[str]) -> set[int]:
+    """The nodes of ``x_nodes`` that read X only through its shape (Shape/Size of X itself, then ops on that)."""
+    found: set[int] = set()
+    for i in sorted(x_nodes):
+        node = index.nodes[i]
+        if (node.op_type in ("Shape", "Size") and node.input[0] == x) or all(name in static or index.producer.get(name) in found
+                                                      for name in index.inputs_of[i] if name):
+            found.add(i)
+    return found
 
 
 def _static(index: GraphIndex) -> set[str]:
