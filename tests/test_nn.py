@@ -114,3 +114,105 @@ def test_bad_constructor_arguments():
         FFF(4, 4, 2, 2, activation="swish")
     with pytest.raises(ValueError, match="tie"):
         NeuronTree(4, 4, 2, tie="maybe")
+
+
+# ---------------------------------------------------------------------- the C++ fast path in eval mode
+def _layers():
+    torch.manual_seed(3)
+    return [FFF(12, 7, depth=3, leaf_width=5, activation="gelu"), FFF(12, 7, depth=2, leaf_width=4, master_width=5),
+            NeuronTree(12, 7, depth=3, trees=2, out_bias=True)]
+
+
+def _op(layer, x):
+    """The layer's eval forward through the dispatcher (the op), never the C++ handle."""
+    if isinstance(layer, NeuronTree):
+        return torch.ops.fffcompile.neuron_tree(x, layer.in_weight, layer.in_bias, layer.out_weight, layer.out_bias,
+                                                layer.activation, layer.tie)
+    y = torch.ops.fffcompile.leaf_mlp_tree(x, layer.node_weight, layer.node_bias, layer.leaf_w1, layer.leaf_b1,
+                                           layer.leaf_w2, layer.leaf_b2, layer.activation, layer.tie)
+    if layer.master_width:
+        from fffcompile import activations
+        master = activations.apply(layer.activation, x @ layer.master_w1 + layer.master_b1) @ layer.master_w2 + layer.master_b2
+        k = torch.sigmoid(layer.master_logit)
+        y = k * y + (1 - k) * master
+    return y
+
+
+def _kernel_available():
+    from fffcompile.runtime import cpu_kernel
+    return cpu_kernel.available()
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_eval_layers_run_the_cpp_handle_with_the_ops_numbers_and_follow_the_weights(index):
+    if not _kernel_available():
+        pytest.skip("no C++ kernel here")
+    layer = _layers()[index].eval()
+    x = torch.randn(4, 3, 12)
+    with torch.no_grad():
+        y = layer(x)
+        assert layer._fast, "eval CPU inference must run through the C++ handle"
+        torch.testing.assert_close(y, _op(layer, x), rtol=0, atol=0)
+        weight = layer.out_weight if isinstance(layer, NeuronTree) else layer.leaf_w2
+        weight.mul_(-2)                                           # in place (an optimizer step): seen
+        torch.testing.assert_close(layer(x), _op(layer, x), rtol=0, atol=0)
+        name = "out_weight" if isinstance(layer, NeuronTree) else "leaf_w2"
+        setattr(layer, name, torch.nn.Parameter(weight.detach() * 3))   # replaced: rebuilt
+        assert layer._fast is None
+        torch.testing.assert_close(layer(x), _op(layer, x), rtol=0, atol=0)
+        layer.double()                                            # cast: rebuilt for float64
+        x64 = x.double()
+        torch.testing.assert_close(layer(x64), _op(layer, x64), rtol=0, atol=0)
+        assert layer._fast_dtype == torch.float64
+        import copy
+        import pickle
+        torch.testing.assert_close(copy.deepcopy(layer)(x64), layer(x64))
+        torch.testing.assert_close(pickle.loads(pickle.dumps(layer))(x64), layer(x64))
+        layer.train()                                             # training: the training formula, not the handle
+        if isinstance(layer, FFF):
+            spec = fff_spec(layer)
+            torch.testing.assert_close(layer(x64), reference.soft(spec, x64))
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_eval_layers_fast_path_under_autograd_has_the_ops_gradients(index):
+    if not _kernel_available():
+        pytest.skip("no C++ kernel here")
+    layer = _layers()[index].double().eval()
+    x = torch.randn(5, 12, dtype=torch.float64)
+
+    def grads(run):
+        layer.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        out = run(xr)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        return [out.detach(), xr.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+
+    fast = grads(layer)
+    assert layer._fast
+    for a, b in zip(fast, grads(lambda xr: _op(layer, xr))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("index", [0, 2])
+def test_eval_layers_still_export_trace_and_compile_the_op(index):
+    layer = _layers()[index].eval()
+    x = torch.randn(3, 12)
+    op = torch.ops.fffcompile.neuron_tree if isinstance(layer, NeuronTree) else torch.ops.fffcompile.leaf_mlp_tree
+    with torch.no_grad():
+        expected = layer(x)
+        seen = []
+        hook = layer.register_forward_hook(lambda mod, args, out: seen.append(out))
+        torch.testing.assert_close(layer(x), expected)
+        hook.remove()
+        assert len(seen) == 1, "a forward hook must still fire"
+        traced = torch.jit.trace(layer, (x,), check_trace=False)
+        assert op.default.name() in str(traced.graph), "jit.trace must record the op, not a C++ call"
+        torch.testing.assert_close(traced(x), expected)
+        compiled = torch.compile(layer, fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected)
+    exported = torch.export.export(layer, (x,))
+    assert op.default in [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    torch.testing.assert_close(exported.module()(x), expected)
+    gm = torch.fx.symbolic_trace(layer)
+    assert any(n.target in (op, op.default) for n in gm.graph.nodes if n.op == "call_function")

@@ -4,7 +4,9 @@ Training forward (soft): node probabilities p_n = s(W_n . x + b_n), leaf weights
 mu_j = prod over j's path of (p_n or 1 - p_n), y = sum_j mu_j f_j(x) with
 f_j(x) = act(x W1_j + b1_j) W2_j + b2_j. With ``train_hardened=True`` training runs the hard
 descent instead (no gradient reaches the nodes, as in the fastfeedforward package).
-Eval forward: the fused hard descent op, y = f_leaf(x), leaf chosen by [z_n >= 0].
+Eval forward: the fused hard descent op, y = f_leaf(x), leaf chosen by [z_n >= 0]; in CPU eager
+eval it runs through the op's C++ kernel directly (``runtime.fast_path.FastTree``, the same
+numbers without the dispatcher's per-call cost; the op itself under compile, export and tracing).
 Form C: y = s(k) tree(x) + (1 - s(k)) M(x), M a dense MLP of width ``master_width``.
 
 Auxiliary losses (FORMS.md form C), from the last training forward while
@@ -22,11 +24,17 @@ import torch
 from torch import nn
 
 from .. import activations
+from ..runtime.fast_path import FastTree
 from ..spec import ACTIVATIONS, TIES
 from .tracing import is_tracing
 
 
-class FFF(nn.Module):
+_TREE = ("node_weight", "node_bias", "leaf_w1", "leaf_b1", "leaf_w2", "leaf_b2")
+
+
+class FFF(FastTree, nn.Module):
+    _FAST_WATCH = frozenset(_TREE + ("master_w1", "master_b1", "master_w2", "master_b2", "master_logit"))
+
     def __init__(self, in_features: int, out_features: int, depth: int, leaf_width: int,
                  activation: str = "relu", master_width: int = 0, train_hardened: bool = False,
                  tie: str = "ge", track_auxiliary_losses: bool = True):
@@ -58,6 +66,14 @@ class FFF(nn.Module):
             self.master_b2 = uniform(out_features, bound=bound_master)
             self.master_logit = nn.Parameter(torch.tensor(2.0))   # s(2) = 0.88: the tree dominates at start
         self._aux: Optional[dict] = None
+        self._drop_fast()
+
+    def _fast_config(self):   # runtime.fast_path.FastTree: the eval forward's tree
+        return ("leaf_mlp", self.activation, self.tie, not self.master_width,
+                tuple(getattr(self, name) for name in _TREE))
+
+    def _fast_allowed(self) -> bool:
+        return not self.training
 
     def extra_repr(self) -> str:
         master = f", master_width={self.master_width}" if self.master_width else ""
@@ -66,7 +82,7 @@ class FFF(nn.Module):
 
     def __getstate__(self):
         # the last batch's statistics carry autograd history: never copied or pickled
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state["_aux"] = None
         return state
 
@@ -77,8 +93,10 @@ class FFF(nn.Module):
         else:
             if self.training and not is_tracing():
                 self._aux = None   # hard decisions: no statistics for the auxiliary losses
-            y = torch.ops.fffcompile.leaf_mlp_tree(x, self.node_weight, self.node_bias, self.leaf_w1, self.leaf_b1,
-                                                   self.leaf_w2, self.leaf_b2, self.activation, self.tie)
+            y = self._fast_tree(x)
+            if y is None:
+                y = torch.ops.fffcompile.leaf_mlp_tree(x, self.node_weight, self.node_bias, self.leaf_w1, self.leaf_b1,
+                                                       self.leaf_w2, self.leaf_b2, self.activation, self.tie)
         if self.master_width:
             master = activations.apply(self.activation, x @ self.master_w1 + self.master_b1) @ self.master_w2 + self.master_b2
             k = torch.sigmoid(self.master_logit)

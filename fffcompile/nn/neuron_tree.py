@@ -6,7 +6,9 @@ P parallel trees of depth D, each with n = 2^(D+1) - 1 neurons, tree-major:
     y = sum_p sum_{n on path p} act(a_{p,n}) W_out[p, n] + b_out
 
 Training forward: the dense layer times a 0/1 path mask built under no_grad (the published
-training graph, already exactly hard). Eval forward: the fused op, touching P (D + 1) neurons.
+training graph, already exactly hard). Eval forward: the fused op, touching P (D + 1) neurons;
+in CPU eager eval through the op's C++ kernel directly (``runtime.fast_path.FastTree``: the same
+numbers without the dispatcher's per-call cost; the op itself under compile, export and tracing).
 Weights are stored in the op's layout: in_weight (P, n, d_in), out_weight (P, n, d_out).
 """
 from __future__ import annotations
@@ -17,10 +19,13 @@ import torch
 from torch import nn
 
 from .. import activations
+from ..runtime.fast_path import FastTree
 from ..spec import ACTIVATIONS, TIES
 
 
-class NeuronTree(nn.Module):
+class NeuronTree(FastTree, nn.Module):
+    _FAST_WATCH = frozenset(("in_weight", "in_bias", "out_weight", "out_bias"))
+
     def __init__(self, in_features: int, out_features: int, depth: int, trees: int = 1,
                  activation: str = "gelu", out_bias: bool = False, tie: str = "gt"):
         super().__init__()
@@ -38,6 +43,14 @@ class NeuronTree(nn.Module):
         self.in_bias = nn.Parameter(torch.empty(trees, n).uniform_(-bound_in, bound_in))
         self.out_weight = nn.Parameter(torch.empty(trees, n, out_features).uniform_(-bound_out, bound_out))
         self.out_bias = nn.Parameter(torch.zeros(out_features), requires_grad=out_bias)
+        self._drop_fast()
+
+    def _fast_config(self):   # runtime.fast_path.FastTree: the eval forward's tree
+        return ("neuron_tree", self.activation, self.tie, True,
+                (self.in_weight, self.in_bias, self.out_weight, self.out_bias))
+
+    def _fast_allowed(self) -> bool:
+        return not self.training
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, depth={self.depth}, "
@@ -45,6 +58,9 @@ class NeuronTree(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
+            y = self._fast_tree(x)
+            if y is not None:
+                return y
             return torch.ops.fffcompile.neuron_tree(x, self.in_weight, self.in_bias, self.out_weight, self.out_bias,
                                                     self.activation, self.tie)
         lead = x.shape[:-1]

@@ -297,6 +297,11 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
         for (int r = 0; r < 4; ++r) wr[r] = TW + node[r < nr ? r : 0] * sw;
         if (level < p.depth && p.child_mode == 2)  // both children's W rows, a level ahead of their use
           for (int r = 0; r < nr; ++r) prefetch_bytes(TW + (2 * node[r] + 1) * sw, (sw + d) * int64_t(sizeof(S)));
+        if (level < p.depth && p.child_mode == 1)  // the first 4 lines of both children's W rows: starts their streams
+          for (int r = 0; r < nr; ++r) {
+            prefetch_bytes(TW + (2 * node[r] + 1) * sw, 256);
+            prefetch_bytes(TW + (2 * node[r] + 2) * sw, 256);
+          }
         switch (nr) {
           case 4: dots<V, 4>(xr, wr, d, z); break;
           case 3: dots<V, 3>(xr, wr, d, z); break;

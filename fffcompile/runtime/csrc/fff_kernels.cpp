@@ -65,14 +65,19 @@ struct NeuronArgs {
   const void *node_weight, *node_bias, *out_weight, *out_bias;
   int64_t rows, d_in, d_out, trees, nodes; int depth; int act; bool tie_ge;
   int64_t w_stride, v_stride;  // row strides of node_weight and out_weight (d_in and d_out unless packed)
-  int child_mode;              // 2: prefetch both children a level ahead; 0: leave it to the hardware
+  int child_mode;              // 2: prefetch both children a level ahead; 1: only their first 4 lines; 0: none
 };
 
 // Tuning knobs (the defaults are the measured best; `_tune` changes them for experiments only).
 // child_mode 2 prefetches both children's rows a level ahead. On the Zen 3 development machine
 // it made form B slower (UltraFastBERT shape, batch 1: 5.1 vs 4.2 us per token; batch 256: 3.6
 // vs 2.6 us per row) than leaving the streams to the hardware prefetcher, and form A no slower.
-static int g_child_mode = 0;
+// child_mode 1 prefetches only the first 256 bytes of both children's W rows (the next row is
+// one of them; touching its start early lets the hardware stream the rest sooner): form B,
+// UltraFastBERT shape, batch 1, one thread, interleaved medians on the shared machine, 3-5%
+// faster than 0 (19.1 vs 19.7-19.9 us median, 8.0-8.2 vs 8.8-9.3 us p10, load average 6 on
+// 2 cores; benchmarks/child_prefetch.py), so it is form B's default.
+static int g_child_mode = 1;
 static int g_child_mode_a = 2;
 
 // Scalar "vector" of one lane: the portable path, and the 16-bit types' path on every ISA.
