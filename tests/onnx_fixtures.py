@@ -144,6 +144,45 @@ class HardTree(nn.Module):
         return torch.einsum("bh,bho->bo", h, f.leaf_w2[leaf]) + f.leaf_b2[leaf]
 
 
+class PerLevelBmmTree(nn.Module):
+    """A soft leaf-MLP tree whose mixture is built level by level (per-level router slices, the running path
+    weights viewed as (B, 2^(k+1), L / 2^(k+1)) and multiplied by the interleaved (1 - p, p)) and whose leaves
+    run as a bmm over a leaf-major expanded input (L, B, d), transposed back. In eval mode: its hard descent.
+
+    Every prefix of its levels is itself a tree "with sigmoid leaves" (the next level's 1 - p, p), so a
+    frontend may rewrite the whole tree or nothing, never a part (the rest would stay soft)."""
+
+    def __init__(self, d, depth=3, width=4):
+        super().__init__()
+        self.depth, L = depth, 2 ** depth
+        self.nw = nn.Parameter(torch.randn(L - 1, d) / math.sqrt(d))
+        self.nb = nn.Parameter(torch.randn(L - 1) * 0.1)
+        self.w1 = nn.Parameter(torch.randn(L, d, width) / math.sqrt(d))
+        self.b1 = nn.Parameter(torch.randn(L, 1, width) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(L, width, d) / math.sqrt(width))
+        self.b2 = nn.Parameter(torch.randn(L, 1, d) * 0.1)
+
+    def _leaves(self, x):                           # (B, L, d)
+        xs = x.unsqueeze(0).expand(2 ** self.depth, -1, -1)
+        return (torch.bmm(torch.relu(torch.bmm(xs, self.w1) + self.b1), self.w2) + self.b2).transpose(0, 1)
+
+    def forward(self, x):
+        B, L = x.shape[0], 2 ** self.depth
+        if not self.training:
+            node = torch.zeros(B, dtype=torch.long)
+            for _ in range(self.depth):
+                z = (x * self.nw[node]).sum(-1) + self.nb[node]
+                node = 2 * node + 1 + (z >= 0).long()
+            return self._leaves(x)[torch.arange(B), node - (L - 1)]
+        mix = x.new_ones(B, L)
+        for k in range(self.depth):
+            lo, hi = 2 ** k - 1, 2 ** (k + 1) - 1
+            p = torch.sigmoid(x @ self.nw[lo:hi].t() + self.nb[lo:hi])
+            pairs = torch.stack([1 - p, p], -1).flatten(1).unsqueeze(-1)
+            mix = (mix.view(B, 2 ** (k + 1), L // 2 ** (k + 1)) * pairs).reshape(B, L)
+        return (mix.unsqueeze(-1) * self._leaves(x)).sum(1)
+
+
 class GLU(nn.Module):
     """A gated linear unit: y = (x A + a) * s(x B + b), then a projection (a sigmoid of a projection, no tree)."""
 
@@ -200,6 +239,7 @@ class Case:
     fff_nodes: int                        # fffcompile nodes a rewrite must produce
     true_spec: Optional[Callable] = None  # module -> FFFSpec, for single-layer cases
     exporters: tuple[str, ...] = ("dynamo", "legacy")
+    all_or_nothing: bool = False          # rewritten whole (fff_nodes) or not at all, never in part
 
 
 CASES: dict[str, Case] = {
@@ -224,6 +264,7 @@ CASES: dict[str, Case] = {
     "shared_input": Case(lambda: SharedInput(6), (4, 6), 1),
     "two_on_one_input": Case(lambda: TwoOnOneInput(6), (4, 6), 2),
     "two_outputs_one_input": Case(lambda: TwoOutputsOneInput(6), (4, 6), 2, exporters=("dynamo",)),
+    "per_level_bmm": Case(lambda: PerLevelBmmTree(8), (4, 8), 1, all_or_nothing=True),
     # look-alikes: nothing to rewrite
     "shared_producer": Case(lambda: SharedProducer(7, 4, 3), (4, 7), 0),
     "softmax_moe": Case(lambda: SoftTreeMixture(8, kind="softmax_moe"), (4, 8), 0),

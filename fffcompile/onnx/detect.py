@@ -25,6 +25,7 @@ numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -53,6 +54,17 @@ def _is_zero(index: GraphIndex, name: str) -> bool:
     return value is not None and value.size == 1 and float(np.asarray(value).reshape(-1)[0]) == 0.0
 
 
+def router_source(index: GraphIndex, i: int, static: set[str]) -> Optional[str]:
+    """The X that Sigmoid node ``i`` routes (its input is a projection of X), or None: a sigmoid of a constant
+    (form C's blend) or an activation such as SiLU (one op reads both the logit and its sigmoid)."""
+    node = index.nodes[i]
+    if node.op_type != "Sigmoid" or node.input[0] in static:
+        return None
+    if any(node.output[0] in r.input for r in index.consumer_nodes(node.input[0])):
+        return None
+    return trace_source(index, node.input[0], static)
+
+
 def find_candidates(index: GraphIndex) -> list[Candidate]:
     static = static_tensors(index)
     sigmoid_groups: dict[str, list[int]] = {}
@@ -62,11 +74,7 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
         if is_fff_node(node) or node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type == "Sigmoid":
-            if node.input[0] in static:
-                continue
-            if any(node.output[0] in r.input for r in index.consumer_nodes(node.input[0])):
-                continue      # an activation such as SiLU, a * s(a): one op reads both the logit and its sigmoid
-            x = trace_source(index, node.input[0], static)
+            x = router_source(index, i, static)
             if x is not None:
                 sigmoid_groups.setdefault(x, []).append(i)
         elif node.op_type in COMPARISONS:
