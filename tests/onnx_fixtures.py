@@ -183,6 +183,36 @@ class PerLevelBmmTree(nn.Module):
         return (mix.unsqueeze(-1) * self._leaves(x)).sum(1)
 
 
+class ScatterMaskTrees(nn.Module):
+    """UltraFastBERT-style neuron trees, P of them: decisions on the logits viewed as (B, P, n), each tree's path
+    marked by ``scatter_`` into a zero (B, P, n) mask, y = (gelu(a) * mask) W_out (no bias)."""
+
+    def __init__(self, d_in, d_out, depth=2, trees=2):
+        super().__init__()
+        self.depth, self.trees, self.n = depth, trees, 2 ** (depth + 1) - 1
+        self.linear_in = nn.Linear(d_in, trees * self.n)
+        self.linear_out = nn.Linear(trees * self.n, d_out, bias=False)
+
+    def forward(self, x):
+        B = x.shape[0]
+        a = self.linear_in(x)
+        dec = (a.view(B, self.trees, self.n) > 0).long()
+        node = torch.zeros(B, self.trees, dtype=torch.long)
+        mask = torch.zeros(B, self.trees, self.n)
+        for _ in range(self.depth + 1):
+            mask.scatter_(2, node.unsqueeze(-1), 1.0)
+            node = 2 * node + 1 + torch.gather(dec, 2, node.unsqueeze(-1)).squeeze(-1)
+        return self.linear_out(torch.nn.functional.gelu(a) * mask.view(B, -1))
+
+
+def _spec_scatter_trees(m: ScatterMaskTrees) -> FFFSpec:
+    P, n = m.trees, m.n
+    return FFFSpec(form="neuron_tree", depth=m.depth, activation="gelu",
+                   node_weight=m.linear_in.weight.detach().reshape(P, n, -1), node_bias=m.linear_in.bias.detach().reshape(P, n),
+                   out_weight=m.linear_out.weight.detach().T.reshape(P, n, -1),
+                   out_bias=torch.zeros(m.linear_out.out_features), tie="gt", source="hard")
+
+
 class GLU(nn.Module):
     """A gated linear unit: y = (x A + a) * s(x B + b), then a projection (a sigmoid of a projection, no tree)."""
 
@@ -264,6 +294,7 @@ CASES: dict[str, Case] = {
     "shared_input": Case(lambda: SharedInput(6), (4, 6), 1),
     "two_on_one_input": Case(lambda: TwoOnOneInput(6), (4, 6), 2),
     "two_outputs_one_input": Case(lambda: TwoOutputsOneInput(6), (4, 6), 2, exporters=("dynamo",)),
+    "scatter_trees": Case(lambda: ScatterMaskTrees(10, 6), (4, 10), 1, _spec_scatter_trees),
     "per_level_bmm": Case(lambda: PerLevelBmmTree(8), (4, 8), 1, all_or_nothing=True),
     # look-alikes: nothing to rewrite
     "shared_producer": Case(lambda: SharedProducer(7, 4, 3), (4, 7), 0),

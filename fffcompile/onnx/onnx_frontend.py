@@ -35,7 +35,7 @@ from ..spec import FFFSpec
 from .attach import insert_fff_nodes, raise_opset
 from .confirm import confirm
 from .contract import check_target
-from .detect import Candidate, find_candidates, split_by_outputs
+from .detect import Candidate, find_candidates, scaled_routers, split_by_outputs
 from .extract_leaf_tree import NotExtracted, extract_leaf_tree
 from .extract_hard_leaf_tree import extract_hard_leaf_tree
 from .extract_neuron_tree import extract_neuron_tree
@@ -236,6 +236,11 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
             _log(progress, f"found {result.spec.describe()} at {where}")
             found.append(result)
             taken |= result.region.x_nodes
+    for i, x in scaled_routers(index):
+        node = index.nodes[i]
+        left.append(Left(f"FFF on {x!r} (anchor Sigmoid {node.name or node.output[0]!r})",
+                         "a sigmoid of a projection times a constant tensor (signed paths, a log-space mixture): "
+                         "no soft-tree layout fffcompile reads", frontend="onnx"))
     return found, left
 
 
