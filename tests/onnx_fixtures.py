@@ -213,6 +213,30 @@ def _spec_scatter_trees(m: ScatterMaskTrees) -> FFFSpec:
                    out_bias=torch.zeros(m.linear_out.out_features), tie="gt", source="hard")
 
 
+class LogSpaceTree(nn.Module):
+    """A soft tree mixed in log space: mu_j = exp(sum_n |T_jn| log s(z_n T_jn)) with a signed path table T, linear
+    leaves. A tree, but of no layout the frontend reads: left, with a reason."""
+
+    def __init__(self, d, depth=3):
+        super().__init__()
+        L = 2 ** depth
+        self.w = nn.Parameter(torch.randn(L - 1, d) / math.sqrt(d))
+        self.leaf_w = nn.Parameter(torch.randn(L, d, d) / math.sqrt(d))
+        paths = torch.zeros(L, L - 1)
+        for j in range(L):
+            n = 0
+            for k in range(depth):
+                bit = (j >> (depth - 1 - k)) & 1
+                paths[j, n] = 1.0 if bit else -1.0
+                n = 2 * n + 1 + bit
+        self.register_buffer("paths", paths)
+
+    def forward(self, x):
+        z = x @ self.w.t()
+        mu = (torch.log(torch.sigmoid(z.unsqueeze(-2) * self.paths)) * self.paths.abs()).sum(-1).exp()
+        return (mu.unsqueeze(-1) * torch.einsum("bd,ldo->blo", x, self.leaf_w)).sum(-2)
+
+
 class GLU(nn.Module):
     """A gated linear unit: y = (x A + a) * s(x B + b), then a projection (a sigmoid of a projection, no tree)."""
 
@@ -302,6 +326,7 @@ CASES: dict[str, Case] = {
     "not_a_tree": Case(lambda: SoftTreeMixture(8, kind="not_a_tree"), (4, 8), 0),
     "swapped_children": Case(lambda: SoftTreeMixture(8, kind="swapped_children"), (4, 8), 0),
     "gated_residual": Case(lambda: SoftTreeMixture(8, kind="gated_residual"), (4, 8), 0),
+    "log_space_tree": Case(lambda: LogSpaceTree(8), (4, 8), 0),
     "glu": Case(lambda: GLU(8), (4, 8), 0),
     "dense_mlp": Case(lambda: DenseLookAlike(8, "mlp"), (4, 8), 0),
     "swiglu": Case(lambda: DenseLookAlike(8, "swiglu"), (4, 8), 0),
