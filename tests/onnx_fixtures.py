@@ -237,6 +237,18 @@ class LogSpaceTree(nn.Module):
         return (mu.unsqueeze(-1) * torch.einsum("bd,ldo->blo", x, self.leaf_w)).sum(-2)
 
 
+class GatedFFF(nn.Module):
+    """An FFF whose output is multiplied by a soft gate on the same input, y = FFF(x) * s(x G + g): the gate
+    could be one more level of a mixture, so the FFF is left (conservatively) with its reason."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fff, self.gate = FFF(d, d, 2, 3), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fff(x) * torch.sigmoid(self.gate(x))
+
+
 class GLU(nn.Module):
     """A gated linear unit: y = (x A + a) * s(x B + b), then a projection (a sigmoid of a projection, no tree)."""
 
@@ -327,6 +339,7 @@ CASES: dict[str, Case] = {
     "swapped_children": Case(lambda: SoftTreeMixture(8, kind="swapped_children"), (4, 8), 0),
     "gated_residual": Case(lambda: SoftTreeMixture(8, kind="gated_residual"), (4, 8), 0),
     "log_space_tree": Case(lambda: LogSpaceTree(8), (4, 8), 0),
+    "gated_fff": Case(lambda: GatedFFF(6), (4, 6), 0),
     "glu": Case(lambda: GLU(8), (4, 8), 0),
     "dense_mlp": Case(lambda: DenseLookAlike(8, "mlp"), (4, 8), 0),
     "swiglu": Case(lambda: DenseLookAlike(8, "swiglu"), (4, 8), 0),

@@ -31,11 +31,18 @@ _PASS_THROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Tran
 _PRODUCTS = ("Mul", "Div", "MatMul", "Gemm", "Einsum")
 
 
+def same_input(index: GraphIndex, x: str) -> set[str]:
+    """``x`` and the tensors it is a reshaped view of (one input, seen through layout views)."""
+    from .region import layout_ancestors
+    return {x, *layout_ancestors(index, x)}
+
+
 def router_sigmoids(index: GraphIndex, x: str, static: set[str] | None = None) -> list[int]:
-    """The Sigmoid nodes whose input is a projection of ``x`` (router-like), in graph order."""
+    """The Sigmoid nodes whose input is a projection of ``x`` or of a tensor x is a view of (router-like)."""
     from .detect import router_source
     static = static_tensors(index) if static is None else static
-    return [i for i, n in enumerate(index.nodes) if n.op_type == "Sigmoid" and router_source(index, i, static) == x]
+    sources = same_input(index, x)
+    return [i for i, n in enumerate(index.nodes) if n.op_type == "Sigmoid" and router_source(index, i, static) in sources]
 
 
 def soft_routers_mixing(index: GraphIndex, x: str, anchors: list[int], region: Region) -> str:
@@ -44,7 +51,7 @@ def soft_routers_mixing(index: GraphIndex, x: str, anchors: list[int], region: R
     static = static_tensors(index)
     anchors = set(anchors)
     inside = [i for i in sorted(region.x_nodes) if index.nodes[i].op_type == "Sigmoid" and i not in anchors
-              and router_source(index, i, static) == x]
+              and router_source(index, i, static) in same_input(index, x)]
     if inside:
         names = ", ".join(repr(index.nodes[i].name or index.nodes[i].output[0]) for i in inside[:4])
         return (f"at {region.y!r}: the region holds soft sigmoid(s) of a projection that are not its decisions ({names}): "
