@@ -144,6 +144,111 @@ class HardTree(nn.Module):
         return torch.einsum("bh,bho->bo", h, f.leaf_w2[leaf]) + f.leaf_b2[leaf]
 
 
+class PerLevelBmmTree(nn.Module):
+    """A soft leaf-MLP tree whose mixture is built level by level (per-level router slices, the running path
+    weights viewed as (B, 2^(k+1), L / 2^(k+1)) and multiplied by the interleaved (1 - p, p)) and whose leaves
+    run as a bmm over a leaf-major expanded input (L, B, d), transposed back. In eval mode: its hard descent.
+
+    Every prefix of its levels is itself a tree "with sigmoid leaves" (the next level's 1 - p, p), so a
+    frontend may rewrite the whole tree or nothing, never a part (the rest would stay soft)."""
+
+    def __init__(self, d, depth=3, width=4):
+        super().__init__()
+        self.depth, L = depth, 2 ** depth
+        self.nw = nn.Parameter(torch.randn(L - 1, d) / math.sqrt(d))
+        self.nb = nn.Parameter(torch.randn(L - 1) * 0.1)
+        self.w1 = nn.Parameter(torch.randn(L, d, width) / math.sqrt(d))
+        self.b1 = nn.Parameter(torch.randn(L, 1, width) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(L, width, d) / math.sqrt(width))
+        self.b2 = nn.Parameter(torch.randn(L, 1, d) * 0.1)
+
+    def _leaves(self, x):                           # (B, L, d)
+        xs = x.unsqueeze(0).expand(2 ** self.depth, -1, -1)
+        return (torch.bmm(torch.relu(torch.bmm(xs, self.w1) + self.b1), self.w2) + self.b2).transpose(0, 1)
+
+    def forward(self, x):
+        B, L = x.shape[0], 2 ** self.depth
+        if not self.training:
+            node = torch.zeros(B, dtype=torch.long)
+            for _ in range(self.depth):
+                z = (x * self.nw[node]).sum(-1) + self.nb[node]
+                node = 2 * node + 1 + (z >= 0).long()
+            return self._leaves(x)[torch.arange(B), node - (L - 1)]
+        mix = x.new_ones(B, L)
+        for k in range(self.depth):
+            lo, hi = 2 ** k - 1, 2 ** (k + 1) - 1
+            p = torch.sigmoid(x @ self.nw[lo:hi].t() + self.nb[lo:hi])
+            pairs = torch.stack([1 - p, p], -1).flatten(1).unsqueeze(-1)
+            mix = (mix.view(B, 2 ** (k + 1), L // 2 ** (k + 1)) * pairs).reshape(B, L)
+        return (mix.unsqueeze(-1) * self._leaves(x)).sum(1)
+
+
+class ScatterMaskTrees(nn.Module):
+    """UltraFastBERT-style neuron trees, P of them: decisions on the logits viewed as (B, P, n), each tree's path
+    marked by ``scatter_`` into a zero (B, P, n) mask, y = (gelu(a) * mask) W_out (no bias)."""
+
+    def __init__(self, d_in, d_out, depth=2, trees=2):
+        super().__init__()
+        self.depth, self.trees, self.n = depth, trees, 2 ** (depth + 1) - 1
+        self.linear_in = nn.Linear(d_in, trees * self.n)
+        self.linear_out = nn.Linear(trees * self.n, d_out, bias=False)
+
+    def forward(self, x):
+        B = x.shape[0]
+        a = self.linear_in(x)
+        dec = (a.view(B, self.trees, self.n) > 0).long()
+        node = torch.zeros(B, self.trees, dtype=torch.long)
+        mask = torch.zeros(B, self.trees, self.n)
+        for _ in range(self.depth + 1):
+            mask.scatter_(2, node.unsqueeze(-1), 1.0)
+            node = 2 * node + 1 + torch.gather(dec, 2, node.unsqueeze(-1)).squeeze(-1)
+        return self.linear_out(torch.nn.functional.gelu(a) * mask.view(B, -1))
+
+
+def _spec_scatter_trees(m: ScatterMaskTrees) -> FFFSpec:
+    P, n = m.trees, m.n
+    return FFFSpec(form="neuron_tree", depth=m.depth, activation="gelu",
+                   node_weight=m.linear_in.weight.detach().reshape(P, n, -1), node_bias=m.linear_in.bias.detach().reshape(P, n),
+                   out_weight=m.linear_out.weight.detach().T.reshape(P, n, -1),
+                   out_bias=torch.zeros(m.linear_out.out_features), tie="gt", source="hard")
+
+
+class LogSpaceTree(nn.Module):
+    """A soft tree mixed in log space: mu_j = exp(sum_n |T_jn| log s(z_n T_jn)) with a signed path table T, linear
+    leaves. A tree, but of no layout the frontend reads: left, with a reason."""
+
+    def __init__(self, d, depth=3):
+        super().__init__()
+        L = 2 ** depth
+        self.w = nn.Parameter(torch.randn(L - 1, d) / math.sqrt(d))
+        self.leaf_w = nn.Parameter(torch.randn(L, d, d) / math.sqrt(d))
+        paths = torch.zeros(L, L - 1)
+        for j in range(L):
+            n = 0
+            for k in range(depth):
+                bit = (j >> (depth - 1 - k)) & 1
+                paths[j, n] = 1.0 if bit else -1.0
+                n = 2 * n + 1 + bit
+        self.register_buffer("paths", paths)
+
+    def forward(self, x):
+        z = x @ self.w.t()
+        mu = (torch.log(torch.sigmoid(z.unsqueeze(-2) * self.paths)) * self.paths.abs()).sum(-1).exp()
+        return (mu.unsqueeze(-1) * torch.einsum("bd,ldo->blo", x, self.leaf_w)).sum(-2)
+
+
+class GatedFFF(nn.Module):
+    """An FFF whose output is multiplied by a soft gate on the same input, y = FFF(x) * s(x G + g): the gate
+    could be one more level of a mixture, so the FFF is left (conservatively) with its reason."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fff, self.gate = FFF(d, d, 2, 3), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fff(x) * torch.sigmoid(self.gate(x))
+
+
 class GLU(nn.Module):
     """A gated linear unit: y = (x A + a) * s(x B + b), then a projection (a sigmoid of a projection, no tree)."""
 
@@ -200,6 +305,7 @@ class Case:
     fff_nodes: int                        # fffcompile nodes a rewrite must produce
     true_spec: Optional[Callable] = None  # module -> FFFSpec, for single-layer cases
     exporters: tuple[str, ...] = ("dynamo", "legacy")
+    all_or_nothing: bool = False          # rewritten whole (fff_nodes) or not at all, never in part
 
 
 CASES: dict[str, Case] = {
@@ -224,12 +330,16 @@ CASES: dict[str, Case] = {
     "shared_input": Case(lambda: SharedInput(6), (4, 6), 1),
     "two_on_one_input": Case(lambda: TwoOnOneInput(6), (4, 6), 2),
     "two_outputs_one_input": Case(lambda: TwoOutputsOneInput(6), (4, 6), 2, exporters=("dynamo",)),
+    "scatter_trees": Case(lambda: ScatterMaskTrees(10, 6), (4, 10), 1, _spec_scatter_trees),
+    "per_level_bmm": Case(lambda: PerLevelBmmTree(8), (4, 8), 1, all_or_nothing=True),
     # look-alikes: nothing to rewrite
     "shared_producer": Case(lambda: SharedProducer(7, 4, 3), (4, 7), 0),
     "softmax_moe": Case(lambda: SoftTreeMixture(8, kind="softmax_moe"), (4, 8), 0),
     "not_a_tree": Case(lambda: SoftTreeMixture(8, kind="not_a_tree"), (4, 8), 0),
     "swapped_children": Case(lambda: SoftTreeMixture(8, kind="swapped_children"), (4, 8), 0),
     "gated_residual": Case(lambda: SoftTreeMixture(8, kind="gated_residual"), (4, 8), 0),
+    "log_space_tree": Case(lambda: LogSpaceTree(8), (4, 8), 0),
+    "gated_fff": Case(lambda: GatedFFF(6), (4, 6), 0),
     "glu": Case(lambda: GLU(8), (4, 8), 0),
     "dense_mlp": Case(lambda: DenseLookAlike(8, "mlp"), (4, 8), 0),
     "swiglu": Case(lambda: DenseLookAlike(8, "swiglu"), (4, 8), 0),

@@ -31,8 +31,10 @@ from fffcompile.spec import FFFSpec
 
 import onnx_fixtures as F
 
-POSITIVE = [(name, exporter) for name, case in F.CASES.items() if case.fff_nodes for exporter in case.exporters]
+POSITIVE = [(name, exporter) for name, case in F.CASES.items() if case.fff_nodes and not case.all_or_nothing
+            for exporter in case.exporters]
 LOOK_ALIKES = [(name, exporter) for name, case in F.CASES.items() if not case.fff_nodes for exporter in case.exporters]
+ALL_OR_NOTHING = [(name, exporter) for name, case in F.CASES.items() if case.all_or_nothing for exporter in case.exporters]
 
 
 def fff_nodes(model):
@@ -137,11 +139,53 @@ def test_look_alikes_untouched(name, exporter):
     assert optimized.SerializeToString() == original.SerializeToString()
 
 
-@pytest.mark.parametrize("name", ["not_a_tree", "swapped_children", "gated_residual", "glu"])
+@pytest.mark.parametrize("name,exporter", ALL_OR_NOTHING)
+def test_whole_tree_or_nothing(name, exporter):
+    """A tree whose first levels look like a smaller tree with sigmoid leaves: rewritten whole (exact against
+    its own hard forward) or not at all, with a reason; never a part of it with the rest left soft."""
+    original = load_model(F.exported(name, exporter))
+    optimized, report = optimize_onnx(original, "onnx")
+    module, _ = F.case(name)
+    if not fff_nodes(optimized):
+        assert optimized.SerializeToString() == original.SerializeToString()
+        assert report.left and all(entry.reason for entry in report.left), str(report)
+        return
+    assert len(fff_nodes(optimized)) == F.CASES[name].fff_nodes and report.rewritten[0].depth == module.depth
+    rng = np.random.default_rng(0)
+    for shape in other_shapes(name):
+        x = rng.standard_normal(shape).astype(np.float32)
+        got = next(iter(run(optimized, {original.graph.input[0].name: x}).values()))
+        assert_close(got, hard_reference(name, torch.from_numpy(x)), f"{name}/{exporter} vs its hard forward at {shape}")
+
+
+def test_part_of_a_mixture_is_refused_with_its_reason():
+    """The per-level tree (dynamo): the first two levels confirm as a depth-2 tree on their own, but the third
+    level's sigmoid would stay soft inside the region: refused, and the reason says so."""
+    from fffcompile.onnx.detect import find_candidates, split_by_outputs
+    from fffcompile.onnx.graph_index import GraphIndex
+    from fffcompile.onnx.mixture_guard import soft_routers_mixing
+    from fffcompile.onnx.onnx_frontend import _confirm, _name_anchors
+    model = load_model(F.exported("per_level_bmm", "dynamo"))
+    _name_anchors(model)
+    index = GraphIndex(model)
+    (candidate,) = [c for c in find_candidates(index) if c.form == "A"]
+    assert len(candidate.anchors) == 3
+    first, _ = split_by_outputs(index, candidate)
+    assert len(first.anchors) == 2
+    result, reasons = _confirm(index, first, first.where(index), set())
+    assert result is None
+    assert any("part of a larger mixture" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("name", ["not_a_tree", "swapped_children", "gated_residual", "glu", "log_space_tree", "gated_fff"])
 def test_look_alike_refusals_have_reasons(name):
     _, report = optimize_onnx(load_model(F.exported(name, "dynamo")), "onnx")
     assert report.left and all(entry.reason for entry in report.left)
     assert "no FFF layer" in " ".join(report.notes)
+    if name == "gated_fff":               # confirmed alone, but its output is multiplied by a soft gate of X
+        assert any("part of a larger mixture" in entry.reason for entry in report.left), str(report)
+    if name == "log_space_tree":          # found, though of no layout the extractors read: said so
+        assert any("log-space" in entry.reason for entry in report.left), str(report)
 
 
 def test_trt_target_nodes_carry_plugin_attributes(rewritten):

@@ -25,6 +25,7 @@ numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -53,6 +54,49 @@ def _is_zero(index: GraphIndex, name: str) -> bool:
     return value is not None and value.size == 1 and float(np.asarray(value).reshape(-1)[0]) == 0.0
 
 
+def _read_elsewhere(index: GraphIndex, a: str) -> bool:
+    """Whether logit ``a`` (or the tensor it is a reshaped view of: trees viewed as (B, P, n)) has other readers."""
+    for _ in range(4):
+        if len(index.consumers.get(a, ())) >= 2:
+            return True
+        node = index.producer_node(a)
+        if node is None or node.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"):
+            return False
+        a = node.input[0]
+    return False
+
+
+def router_source(index: GraphIndex, i: int, static: set[str]) -> Optional[str]:
+    """The X that Sigmoid node ``i`` routes (its input is a projection of X), or None: a sigmoid of a constant
+    (form C's blend) or an activation such as SiLU (one op reads both the logit and its sigmoid)."""
+    node = index.nodes[i]
+    if node.op_type != "Sigmoid" or node.input[0] in static:
+        return None
+    if any(node.output[0] in r.input for r in index.consumer_nodes(node.input[0])):
+        return None
+    return trace_source(index, node.input[0], static)
+
+
+def scaled_routers(index: GraphIndex) -> list[tuple[int, str]]:
+    """(Sigmoid node, X) for sigmoids of a projection of X multiplied by a constant tensor (z * T: signed path
+    tables, a log-space mixture s(+-z)): router-like, but of no form the extractors read; reported, not rewritten."""
+    static = static_tensors(index)
+    out = []
+    for i, node in enumerate(index.nodes):
+        if node.op_type != "Sigmoid" or is_fff_node(node) or router_source(index, i, static) is not None:
+            continue
+        scaled = index.producer_node(node.input[0])
+        if scaled is None or scaled.op_type not in ("Mul", "Div") or len(scaled.input) != 2:
+            continue
+        data = [t for t in scaled.input if t not in static]
+        if len(data) != 1 or len(data) == len(scaled.input):
+            continue
+        x = trace_source(index, data[0], static)
+        if x is not None:
+            out.append((i, x))
+    return out
+
+
 def find_candidates(index: GraphIndex) -> list[Candidate]:
     static = static_tensors(index)
     sigmoid_groups: dict[str, list[int]] = {}
@@ -62,11 +106,7 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
         if is_fff_node(node) or node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type == "Sigmoid":
-            if node.input[0] in static:
-                continue
-            if any(node.output[0] in r.input for r in index.consumer_nodes(node.input[0])):
-                continue      # an activation such as SiLU, a * s(a): one op reads both the logit and its sigmoid
-            x = trace_source(index, node.input[0], static)
+            x = router_source(index, i, static)
             if x is not None:
                 sigmoid_groups.setdefault(x, []).append(i)
         elif node.op_type in COMPARISONS:
@@ -83,7 +123,7 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
                 if x is not None:
                     hard_groups.setdefault((x, tie), []).append(i)
                 continue
-            if len(index.consumers.get(a, ())) < 2:
+            if not _read_elsewhere(index, a):
                 continue          # a decision on a logit nothing else reads is no neuron tree
             x = trace_source(index, a, static)
             if x is not None:

@@ -6,6 +6,7 @@ Gather/GatherElements/GatherND and Scatter ops, and y = (h * mask) W_out (+ bias
 
 1. a is evaluated on X = 0, e_1 .. e_d and random rows: node_weight / node_bias (tree-major,
    neuron p n + k is node k of tree p), checked to be affine.
+   Decisions taken on a reshaped view of a (the trees as (B, P, n)) read a itself, where the activation does.
 2. The activation is identified numerically on a (``activation_match``).
 3. The region is cut at the decisions and at h, which become inputs. For the layout hypothesis
    (P trees of depth D with P (2^(D+1) - 1) neurons), one row per neuron sets the decisions
@@ -50,6 +51,12 @@ def extract_neuron_tree(index: GraphIndex, region: Region, comparison: int, tie:
     node = index.nodes[comparison]
     a = node.input[0] if node.op_type in ("Greater", "GreaterOrEqual") else node.input[1]
     decisions = node.output[0]
+    for _ in range(4):     # decisions on a reshaped view of the logits (trees as (B, P, n)): the activation reads the source
+        view = index.producer_node(a)
+        if view is None or view.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity") \
+                or len(index.consumers.get(a, ())) != 1 or index.producer.get(view.input[0]) not in region.nodes:
+            break
+        a = view.input[0]
     closure = elementwise_closure(index, a, region.nodes)
     probes = affine_probes(d_in)
     rows = probes.shape[0]

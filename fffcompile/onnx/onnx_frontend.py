@@ -35,12 +35,13 @@ from ..spec import FFFSpec
 from .attach import insert_fff_nodes, raise_opset
 from .confirm import confirm
 from .contract import check_target
-from .detect import Candidate, find_candidates, split_by_outputs
+from .detect import Candidate, find_candidates, scaled_routers, split_by_outputs
 from .extract_leaf_tree import NotExtracted, extract_leaf_tree
 from .extract_hard_leaf_tree import extract_hard_leaf_tree
 from .extract_neuron_tree import extract_neuron_tree
 from .graph_index import GraphIndex
 from .linear_chains import chain_ends, projected_tensors, static_tensors
+from .mixture_guard import router_sigmoids, soft_routers_mixing
 from .node import fff_node
 from .region import Region, candidate_regions
 
@@ -177,6 +178,15 @@ def _confirm(index: GraphIndex, candidate: Candidate, where: str, taken: set[int
             continue        # already inside the confirmed region (a layout extension taken at once)
         if result is not None and not _extends(index, result.region, region, candidate.form):
             break
+        if candidate.form == "A":
+            mixing = soft_routers_mixing(index, candidate.x, candidate.anchors, region)
+            if mixing:
+                if os.environ.get("FFFCOMPILE_DEBUG"):
+                    print(f"fffcompile onnx: {where} at {region.y!r}: {mixing}", file=sys.stderr)
+                reasons.append(mixing)
+                if result is not None:
+                    break
+                continue
         layout_only = result is not None and _extends(index, result.region, region, "A")
         attempt, why = _try_region(index, candidate, region, result if layout_only else None)
         if os.environ.get("FFFCOMPILE_DEBUG"):
@@ -213,6 +223,10 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
                 parts.append((part, part_where, part_result, part_reasons))
             if any(r is not None for _, _, r, _ in parts):
                 attempts = parts
+            else:       # a part that holds soft routers of the rest: the most telling reason
+                mixing = [r for _, _, _, rs in parts for r in rs if "part of a larger mixture" in r]
+                if mixing:
+                    attempts = [(candidate, where, None, reasons + mixing[:1])]
         for candidate, where, result, reasons in attempts:
             if result is None:
                 reason = reasons[-1] if reasons else "no closed subgraph depends on all of its decisions"
@@ -222,6 +236,11 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
             _log(progress, f"found {result.spec.describe()} at {where}")
             found.append(result)
             taken |= result.region.x_nodes
+    for i, x in scaled_routers(index):
+        node = index.nodes[i]
+        left.append(Left(f"FFF on {x!r} (anchor Sigmoid {node.name or node.output[0]!r})",
+                         "a sigmoid of a projection times a constant tensor (signed paths, a log-space mixture): "
+                         "no soft-tree layout fffcompile reads", frontend="onnx"))
     return found, left
 
 
@@ -322,6 +341,13 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
             d_out=spec.d_out, source=spec.source, frontend="onnx", exactness=f.comparison, fidelity=None,
             speedup_bound=spec.soft_macs() / max(1, spec.hard_macs()), description=spec.describe(),
             notes=(f"replaced {len(f.region.x_nodes)} nodes from {f.region.x!r} to {f.region.y!r}",)))
+    removed = set().union(*(f.region.x_nodes for f in found))
+    for x in dict.fromkeys(f.candidate.x for f in found):
+        soft = [i for i in router_sigmoids(index, x) if i not in removed]
+        if soft:       # not hardened by the exactness check below: say so (a gate, a look-alike's sigmoid)
+            names = ", ".join(repr(index.nodes[i].name or index.nodes[i].output[0]) for i in soft[:6])
+            report.notes.append(f"{len(soft)} sigmoid(s) of a projection of {x!r} stay soft outside the rewritten "
+                                f"FFF(s) ({names}); the exactness check hardens only the rewritten routers")
     if verify:
         _log(progress, "verifying the rewritten model in ONNX Runtime")
         from .verify import verify_models
