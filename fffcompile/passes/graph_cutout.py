@@ -118,6 +118,45 @@ def harden_value(name: str, z: torch.Tensor, tie: str) -> torch.Tensor:
     return step
 
 
+def _exprs(node: fx.Node) -> Optional[tuple]:
+    """The node's shape as sympy expressions (ints as sympy integers); None without a recorded shape."""
+    val = meta_val(node)
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(int(d)) for d in val.shape)
+
+
+def _row_symbols(x: fx.Node) -> set:
+    """The symbols in x's leading (row) dims; empty for a static capture."""
+    x_shape = _exprs(x)
+    if x_shape is None or len(x_shape) < 2:
+        return set()
+    return set().union(*(d.free_symbols for d in x_shape[:-1]))
+
+
+def _symbolic_layout(node: fx.Node, x: fx.Node):
+    """``Cutout.layout`` read off symbolic sizes: only when x's leading dims carry a symbol and the
+    node's dims that carry it are exactly x's leading dims or one dim of size prod(x's leading dims)."""
+    shape, x_shape = _exprs(node), _exprs(x)
+    if shape is None or x_shape is None or len(x_shape) < 2:
+        return None
+    lead = x_shape[:-1]
+    symbols = _row_symbols(x)
+    if not symbols:
+        return None
+    carrying = [a for a, d in enumerate(shape) if d.free_symbols & symbols]
+    if len(shape) >= len(lead) and shape[:len(lead)] == lead \
+            and all(a < len(lead) for a in carrying):
+        return ("lead", len(lead)), hint_shape(node)[len(lead):]
+    rows = sympy.expand(sympy.Mul(*lead))
+    axes = [a for a in carrying if sympy.expand(shape[a]) == rows]
+    if len(axes) == 1 and carrying == axes:
+        a = axes[0]
+        hints = hint_shape(node)
+        return ("axis", a), hints[:a] + hints[a + 1:]
+    return None
+
+
 class Cutout:
     def __init__(self, facts: GraphFacts, constants: ConstantCache, x: fx.Node, y: fx.Node):
         self.facts, self.constants, self.x, self.y = facts, constants, x, y
@@ -292,11 +331,16 @@ class Cutout:
 
     def layout(self, node: fx.Node):
         """How a node holds x's rows: ("lead", k) (x's k leading dims first), ("axis", a) (the rows
-        flattened into dim a), with the per-row feature shape; None when it does not hold them."""
-        from .graph_canonical import hint_shape
+        flattened into dim a), with the per-row feature shape; None when it does not hold them.
+
+        When x's batch is symbolic, the rows are the dims whose symbolic size is x's row count
+        (so a feature dim that happens to equal the example's batch, e.g. batch 4 and leaf width
+        4, is not taken for the rows); sizes read at the example values are the fallback."""
         shape, x_shape = hint_shape(node), hint_shape(self.x)
         if shape is None or x_shape is None:
             return None
+        if _row_symbols(self.x):
+            return _symbolic_layout(node, self.x)
         lead = x_shape[:-1]
         if len(shape) >= len(lead) and shape[:len(lead)] == lead:
             return ("lead", len(lead)), shape[len(lead):]
