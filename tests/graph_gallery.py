@@ -335,6 +335,29 @@ class Packed(nn.Module):
         return torch.einsum("bl,blo->bo", weights, h).reshape(*shape[:-1], -1)
 
 
+class RowLoop(_LeafParams):
+    """A hard form A forward written as a Python loop over the rows (specialised to the example's
+    batch when captured): not read by the graph frontend, which must say why (a per-row loop)."""
+
+    def __init__(self, spec: FFFSpec):
+        super().__init__(spec)
+        self.nw, self.nb = P(spec.node_weight.clone()), P(spec.node_bias.clone())
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        outs = []
+        for r in range(x.shape[0]):
+            node = torch.zeros((), dtype=torch.long)
+            for _ in range(self.depth):
+                z = self.nw.index_select(0, node.view(1)) @ x[r] + self.nb.index_select(0, node.view(1))
+                node = node * 2 + 1 + (z >= 0).long().view(())
+            j = node - (2 ** self.depth - 1)
+            h = x[r] @ self.w1[j] + self.b1[j]
+            outs.append(h if self.linear else _act(self.act)(h) @ self.w2[j] + self.b2[j])
+        return torch.stack(outs).reshape(*shape[:-1], -1)
+
+
 class HardIndex(_LeafParams):
     """A form A tree that already descends: per level index_select of the node row, the index
     recurrence 2n + 1 + [z >= 0], leaves by bmm against the gathered leaf weights."""

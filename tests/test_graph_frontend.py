@@ -150,6 +150,18 @@ def test_2d_example_whose_batch_equals_a_tree_size(case, batch):
             assert rel_err(fast(x2), reference.hard(spec, x2)) < 1e-4
 
 
+def test_per_row_loop_is_left_with_a_clear_reason():
+    spec = _spec("hard_index", depth=2, activation="relu")
+    layer = G.RowLoop(spec).eval()
+    x = torch.randn(2, 3, D)
+    with torch.no_grad():
+        assert rel_err(layer(x), reference.hard(spec, x)) < 1e-5     # the fixture is the spec's hard form
+    fast = fffcompile.optimize(layer, x, frontends=("graph",))
+    assert not fast.report.rewritten
+    reasons = " ".join(left.reason for left in fast.report.left)
+    assert "a loop over the example's rows" in reasons, reasons
+
+
 def test_master_leaf_tree_rewritten_blend_kept():
     spec = _spec("table", depth=3)
     layer = G.Master(spec)
