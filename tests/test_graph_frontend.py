@@ -150,6 +150,23 @@ def test_2d_example_whose_batch_equals_a_tree_size(case, batch):
             assert rel_err(fast(x2), reference.hard(spec, x2)) < 1e-4
 
 
+@pytest.mark.parametrize("batch", [4, 8])
+@pytest.mark.parametrize("case", sorted(COLLIDING))
+def test_static_capture_whose_batch_equals_a_tree_size(case, batch):
+    """A static capture has no symbolic batch: where several dims have the row count, a probe
+    (one row of x changed) tells which one holds the rows; the extracted spec is the true one."""
+    cls, kw = COLLIDING[case]
+    style = case.split("_")[0] if case not in ("linear_nobias", "path_matrix", "one_hot", "leaf_major") else case
+    spec = _spec(style, **kw)
+    x = torch.randn(batch, D)
+    program = torch.export.export(cls(spec).eval(), (x,), strict=False).run_decompositions({})  # static, functional
+    _, outcomes = analyse(program.module(), (x,), {})
+    confirmed = [o for *_, o in outcomes if isinstance(o, GraphConfirmed)]
+    assert len(confirmed) == 1, [o.reason for *_, o in outcomes if not isinstance(o, GraphConfirmed)]
+    got = confirmed[0].spec
+    assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4), (case, got.describe())
+
+
 def test_per_row_loop_is_left_with_a_clear_reason():
     spec = _spec("hard_index", depth=2, activation="relu")
     layer = G.RowLoop(spec).eval()
