@@ -7,7 +7,8 @@ knows by signature (run them with ``frontends=("graph",)`` to test the graph pas
 
 Form A styles: ``unrolled`` (the fastfeedforward package's training forward with a plain int
 depth: per-level slices, cat/flatten, in-place ``mul_`` into views of a running mixture, leaves
-written by ``copy_`` into a ``torch.empty`` buffer), ``table`` (all node logits in one Linear,
+written by ``copy_`` into a ``torch.empty`` buffer), ``leaf_major`` (leaves by ``bmm``
+over x expanded to (L, rows, d): rows in the middle dim), ``table`` (all node logits in one Linear,
 path products through an index table), ``logsigmoid`` (log-sigmoid sums through the table,
 then ``exp``; leaves by ``bmm``), ``path_matrix`` (fixed 0/1 path matrices, batched matmul
 leaves), ``linear_nobias`` (nodes without bias, single-linear leaves), ``threshold``
@@ -103,6 +104,30 @@ class Unrolled(_LeafParams):
             out[:, i].copy_(torch.matmul(h[:, i], self.w2[i]) + self.b2[i])
         out.mul_(mixture.unsqueeze(-1))
         return out.sum(1).view(*shape[:-1], self.out)
+
+
+class LeafMajor(_LeafParams):
+    """Per-level node slices, mixture refined by view/mul; leaves by ``bmm`` over x expanded to
+    (L, rows, d), so the leaf values hold the rows in their middle dim (L, rows, width)."""
+
+    def __init__(self, spec: FFFSpec):
+        super().__init__(spec)
+        self.nw, self.nb = P(spec.node_weight.clone()), P(spec.node_bias.clone())
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        B, L = x.shape[0], 2 ** self.depth
+        mix = x.new_ones(B, L)
+        for k in range(self.depth):
+            lo, hi = 2 ** k - 1, 2 ** (k + 1) - 1
+            p = torch.sigmoid(x @ self.nw[lo:hi].t() + self.nb[lo:hi])
+            pair = torch.stack([1 - p, p], -1).flatten(1).unsqueeze(-1)
+            mix = (mix.view(B, 2 ** (k + 1), L // 2 ** (k + 1)) * pair).reshape(B, L)
+        h = torch.bmm(x.unsqueeze(0).expand(L, -1, -1), self.w1) + self.b1.unsqueeze(1)
+        if not self.linear:
+            h = torch.bmm(_act(self.act)(h), self.w2) + self.b2.unsqueeze(1)
+        return (mix.unsqueeze(-1) * h.transpose(0, 1)).sum(1).reshape(*shape[:-1], -1)
 
 
 class Table(_LeafParams):
@@ -310,6 +335,29 @@ class Packed(nn.Module):
         return torch.einsum("bl,blo->bo", weights, h).reshape(*shape[:-1], -1)
 
 
+class RowLoop(_LeafParams):
+    """A hard form A forward written as a Python loop over the rows (specialised to the example's
+    batch when captured): not read by the graph frontend, which must say why (a per-row loop)."""
+
+    def __init__(self, spec: FFFSpec):
+        super().__init__(spec)
+        self.nw, self.nb = P(spec.node_weight.clone()), P(spec.node_bias.clone())
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        outs = []
+        for r in range(x.shape[0]):
+            node = torch.zeros((), dtype=torch.long)
+            for _ in range(self.depth):
+                z = self.nw.index_select(0, node.view(1)) @ x[r] + self.nb.index_select(0, node.view(1))
+                node = node * 2 + 1 + (z >= 0).long().view(())
+            j = node - (2 ** self.depth - 1)
+            h = x[r] @ self.w1[j] + self.b1[j]
+            outs.append(h if self.linear else _act(self.act)(h) @ self.w2[j] + self.b2[j])
+        return torch.stack(outs).reshape(*shape[:-1], -1)
+
+
 class HardIndex(_LeafParams):
     """A form A tree that already descends: per level index_select of the node row, the index
     recurrence 2n + 1 + [z >= 0], leaves by bmm against the gathered leaf weights."""
@@ -408,7 +456,7 @@ class OneHot(_NeuronParams):
         return self.linear_out((_act(self.act)(a3) * mask).reshape(lead + (-1,)))
 
 
-STYLES_A = {"packed": Packed, "unrolled": Unrolled, "table": Table, "logsigmoid": LogSigmoid, "path_matrix": PathMatrix,
+STYLES_A = {"packed": Packed, "unrolled": Unrolled, "leaf_major": LeafMajor, "table": Table, "logsigmoid": LogSigmoid, "path_matrix": PathMatrix,
             "threshold": Threshold}
 STYLES_HARD_A = {"hard_index": HardIndex, "hard_dense": HardDense}
 STYLES_B = {"ultrafast": UltraFast, "one_hot": OneHot}

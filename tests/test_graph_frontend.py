@@ -126,6 +126,59 @@ def test_gallery_style_is_found_rewritten_and_exact(case):
     assert sum("fffcompile" in t for t in exported) == 2
 
 
+COLLIDING = {**{name: (cls, {**kw, "depth": 3} if cls in (G.UltraFast, G.OneHot) or kw.get("linear_leaves")
+                        else {**kw, "depth": 3, "leaf_width": 4}) for name, (cls, kw) in CASES.items()},
+             "leaf_major": (G.LeafMajor, dict(depth=3, leaf_width=4, activation="relu"))}
+
+
+@pytest.mark.parametrize("batch", [4, 8])
+@pytest.mark.parametrize("case", sorted(COLLIDING))
+def test_2d_example_whose_batch_equals_a_tree_size(case, batch):
+    """A 2-D example input whose row count equals a tree size (2^(D-1) = leaf width = 4, 2^D = 8):
+    which dim holds the rows is read off the symbolic batch, not guessed from the example's sizes."""
+    cls, kw = COLLIDING[case]
+    style = case.split("_")[0] if case not in ("linear_nobias", "path_matrix", "one_hot", "leaf_major") else case
+    spec = _spec(style, **kw)
+    layer = cls(spec).eval()
+    fast = fffcompile.optimize(layer, torch.randn(batch, D), frontends=("graph",))
+    assert [(r.form, r.depth, r.trees, r.frontend) for r in fast.report.rewritten] == [(spec.form_letter, 3, spec.trees, "fx")], \
+        [str(left) for left in fast.report.left]
+    assert len(fused_calls(fast)) == 1
+    for rows in (batch, 3, 11):
+        x2 = torch.randn(rows, D)
+        with torch.no_grad():
+            assert rel_err(fast(x2), reference.hard(spec, x2)) < 1e-4
+
+
+@pytest.mark.parametrize("batch", [4, 8])
+@pytest.mark.parametrize("case", sorted(COLLIDING))
+def test_static_capture_whose_batch_equals_a_tree_size(case, batch):
+    """A static capture has no symbolic batch: where several dims have the row count, a probe
+    (one row of x changed) tells which one holds the rows; the extracted spec is the true one."""
+    cls, kw = COLLIDING[case]
+    style = case.split("_")[0] if case not in ("linear_nobias", "path_matrix", "one_hot", "leaf_major") else case
+    spec = _spec(style, **kw)
+    x = torch.randn(batch, D)
+    program = torch.export.export(cls(spec).eval(), (x,), strict=False).run_decompositions({})  # static, functional
+    _, outcomes = analyse(program.module(), (x,), {})
+    confirmed = [o for *_, o in outcomes if isinstance(o, GraphConfirmed)]
+    assert len(confirmed) == 1, [o.reason for *_, o in outcomes if not isinstance(o, GraphConfirmed)]
+    got = confirmed[0].spec
+    assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4), (case, got.describe())
+
+
+def test_per_row_loop_is_left_with_a_clear_reason():
+    spec = _spec("hard_index", depth=2, activation="relu")
+    layer = G.RowLoop(spec).eval()
+    x = torch.randn(2, 3, D)
+    with torch.no_grad():
+        assert rel_err(layer(x), reference.hard(spec, x)) < 1e-5     # the fixture is the spec's hard form
+    fast = fffcompile.optimize(layer, x, frontends=("graph",))
+    assert not fast.report.rewritten
+    reasons = " ".join(left.reason for left in fast.report.left)
+    assert "a loop over the example's rows" in reasons, reasons
+
+
 def test_master_leaf_tree_rewritten_blend_kept():
     spec = _spec("table", depth=3)
     layer = G.Master(spec)
@@ -266,7 +319,7 @@ def test_module_and_graph_frontends_together():
 
 # ----------------------------------------------------------------------------- property: extract == spec
 
-A_STYLES = {"hard_index": G.HardIndex, "hard_dense": G.HardDense, "packed": G.Packed, "unrolled": G.Unrolled, "table": G.Table, "logsigmoid": G.LogSigmoid, "path_matrix": G.PathMatrix,
+A_STYLES = {"hard_index": G.HardIndex, "hard_dense": G.HardDense, "packed": G.Packed, "unrolled": G.Unrolled, "leaf_major": G.LeafMajor, "table": G.Table, "logsigmoid": G.LogSigmoid, "path_matrix": G.PathMatrix,
             "softplus_softmax": G.SoftplusSoftmax, "linear_nobias": G.LinearNoBias, "threshold": G.Threshold}
 B_STYLES = {"ultrafast": G.UltraFast, "one_hot": G.OneHot}
 

@@ -118,6 +118,45 @@ def harden_value(name: str, z: torch.Tensor, tie: str) -> torch.Tensor:
     return step
 
 
+def _exprs(node: fx.Node) -> Optional[tuple]:
+    """The node's shape as sympy expressions (ints as sympy integers); None without a recorded shape."""
+    val = meta_val(node)
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(int(d)) for d in val.shape)
+
+
+def _row_symbols(x: fx.Node) -> set:
+    """The symbols in x's leading (row) dims; empty for a static capture."""
+    x_shape = _exprs(x)
+    if x_shape is None or len(x_shape) < 2:
+        return set()
+    return set().union(*(d.free_symbols for d in x_shape[:-1]))
+
+
+def _symbolic_layout(node: fx.Node, x: fx.Node):
+    """``Cutout.layout`` read off symbolic sizes: only when x's leading dims carry a symbol and the
+    node's dims that carry it are exactly x's leading dims or one dim of size prod(x's leading dims)."""
+    shape, x_shape = _exprs(node), _exprs(x)
+    if shape is None or x_shape is None or len(x_shape) < 2:
+        return None
+    lead = x_shape[:-1]
+    symbols = _row_symbols(x)
+    if not symbols:
+        return None
+    carrying = [a for a, d in enumerate(shape) if d.free_symbols & symbols]
+    if len(shape) >= len(lead) and shape[:len(lead)] == lead \
+            and all(a < len(lead) for a in carrying):
+        return ("lead", len(lead)), hint_shape(node)[len(lead):]
+    rows = sympy.expand(sympy.Mul(*lead))
+    axes = [a for a in carrying if sympy.expand(shape[a]) == rows]
+    if len(axes) == 1 and carrying == axes:
+        a = axes[0]
+        hints = hint_shape(node)
+        return ("axis", a), hints[:a] + hints[a + 1:]
+    return None
+
+
 class Cutout:
     def __init__(self, facts: GraphFacts, constants: ConstantCache, x: fx.Node, y: fx.Node):
         self.facts, self.constants, self.x, self.y = facts, constants, x, y
@@ -292,22 +331,60 @@ class Cutout:
 
     def layout(self, node: fx.Node):
         """How a node holds x's rows: ("lead", k) (x's k leading dims first), ("axis", a) (the rows
-        flattened into dim a), with the per-row feature shape; None when it does not hold them."""
-        from .graph_canonical import hint_shape
+        flattened into dim a), with the per-row feature shape; None when it does not hold them.
+
+        When x's batch is symbolic, the rows are the dims whose symbolic size is x's row count
+        (so a feature dim that happens to equal the example's batch, e.g. batch 4 and leaf width
+        4, is not taken for the rows). A static capture has only the example's sizes: when more than
+        one dim has the row count, a probe (``_probe_rows``) tells which one holds the rows."""
         shape, x_shape = hint_shape(node), hint_shape(self.x)
         if shape is None or x_shape is None:
             return None
+        if _row_symbols(self.x):
+            return _symbolic_layout(node, self.x)
         lead = x_shape[:-1]
-        if len(shape) >= len(lead) and shape[:len(lead)] == lead:
-            return ("lead", len(lead)), shape[len(lead):]
         rows = math.prod(lead)
-        axes = [a for a, d in enumerate(shape) if d == rows]
-        if axes and axes[0] == 0:
-            axes = [0]                 # rows first when a feature dim happens to equal the row count
-        if len(axes) == 1:
-            a = axes[0]
-            return ("axis", a), shape[:a] + shape[a + 1:]
-        return None
+        found = []
+        if len(shape) >= len(lead) and shape[:len(lead)] == lead:
+            found.append(("lead", len(lead)))
+        found += [("axis", a) for a, d in enumerate(shape) if d == rows and not (a == 0 and found and len(lead) == 1)]
+        if len(found) > 1:
+            probed = self._probe_rows(node, found)
+            found = [probed] if probed else []
+        if len(found) != 1:
+            return None
+        mode, k = found[0]
+        if mode == "lead":
+            return (mode, k), shape[k:]
+        return (mode, k), shape[:k] + shape[k + 1:]
+
+    def _probe_rows(self, node: fx.Node, found: list):
+        """Which of several dims of size rows holds the rows (a static capture whose batch equals a
+        feature size): the one along which changing one row of x changes only that row's slice."""
+        cache = self.__dict__.setdefault("_rows_probe", {})
+        if node not in cache:
+            cache[node] = None
+            x_shape = hint_shape(self.x)
+            rows = math.prod(x_shape[:-1])
+            g = torch.Generator().manual_seed(0)
+            x0 = torch.randn(*x_shape, generator=g, dtype=torch.float64)
+            x1 = x0.clone()
+            r = rows - 1
+            x1.reshape(-1, x_shape[-1])[r] += 10 * torch.randn(x_shape[-1], generator=g, dtype=torch.float64)
+            try:
+                v0, v1 = (self.run(x, want=[node], double=True)[0] for x in (x0, x1))
+            except Exception:       # a graph the probe cannot run: no layout, as without the probe
+                return None
+            if not isinstance(v0, torch.Tensor) or v0.shape != v1.shape:
+                return None
+            diff = v0 != v1
+            hits = []
+            for mode, k in found:
+                moved = (diff if mode == "lead" else diff.movedim(k, 0)).reshape(rows, -1)
+                if bool(moved[r].any()) and not bool(moved[:r].any()):
+                    hits.append((mode, k))
+            cache[node] = hits[0] if len(hits) == 1 else None
+        return cache[node]
 
     def features(self, node: fx.Node) -> Optional[tuple[int, ...]]:
         found = self.layout(node)

@@ -32,7 +32,7 @@ from torch import fx
 from ..errors import InvalidSpecError
 from ..spec import FFFSpec, is_power_of_two
 from .graph_anchor import Candidate
-from .graph_canonical import GraphFacts, SHAPE_ONLY
+from .graph_canonical import GraphFacts, SHAPE_ONLY, hint_shape
 from .graph_cutout import Cutout
 
 _T = 40.0                  # |logit| that saturates a sigmoid in float64
@@ -112,12 +112,25 @@ def _split(cut: Cutout, nodes, values: torch.Tensor) -> dict:
     return out
 
 
+def not_by_rows(cut: Cutout, nodes, what: str) -> str:
+    """Why ``nodes`` have no layout by the input's rows; names a per-row loop when it looks like one:
+    many values, each smaller than the row count, their number a multiple of it."""
+    x_shape = hint_shape(cut.x)
+    rows = math.prod(x_shape[:-1]) if x_shape else 0
+    sizes = {n: math.prod(hint_shape(n) or (rows,)) for n in nodes}
+    if rows > 1 and len(nodes) >= rows and len(nodes) % rows == 0 and all(v < rows for v in sizes.values()):
+        return (f"{what} is not laid out by the input's rows: {len(nodes)} values of <= {max(sizes.values())} "
+                f"element(s) for {rows} rows, a loop over the example's rows (specialised to its batch size); "
+                f"only trees that compute all rows in the same ops are read")
+    return f"{what} is not laid out by the input's rows"
+
+
 def _feature_count(cut: Cutout, nodes) -> Union[int, str]:
     total = 0
     for n in nodes:
         feats = cut.features(n)
         if feats is None:
-            return f"{n.name} is not laid out by the input's rows"
+            return not_by_rows(cut, nodes, n.name)
         total += math.prod(feats)
     return total
 
@@ -292,7 +305,7 @@ def extract_hard_leaf_mlp(facts: GraphFacts, cand: Candidate, cut: Cutout, d_in:
     decisions = cand.decisions
     feats = [cut.features(d) for d in decisions]
     if any(f is None for f in feats):
-        return "a decision is not laid out by the input's rows"
+        return not_by_rows(cut, decisions, "a decision")
     counts = [math.prod(f) for f in feats]
     if all(c == 1 for c in counts):
         depth, dense = len(decisions), False
