@@ -111,6 +111,10 @@ def optimize(model: nn.Module, example_inputs, *, example_kwargs: Optional[dict]
                                             min_leaf_agreement=min_leaf_agreement, seed=seed)
         carried = work.__dict__.pop(graph_frontend.HARDENED_ATTRIBUTE, None)
         graph_hardened = carried[0] if carried else None
+    # a place that one frontend rewrote is not "left": drop the other frontend's refusals and the
+    # smaller candidates' near misses there
+    rewritten_at = {r.where for r in report.rewritten}
+    report.left = [entry for entry in report.left if entry.where not in rewritten_at]
     if verify and (confirmations or graph_hardened is not None):
         if graph_hardened is not None:
             # the captured graph (module rewrites, each confirmed on its own, already fused inside) with

@@ -370,3 +370,38 @@ def test_fx_symbolic_trace_capture_is_searched_too(style):
     confirmed = [o for *_, o in outcomes if isinstance(o, GraphConfirmed)]
     assert len(confirmed) == 1
     assert confirmed[0].spec.same_as(spec.replace(source=confirmed[0].spec.source), atol=2e-5, rtol=2e-4)
+
+
+
+class _BroadcastBiasTree(nn.Module):
+    """Form A, depth 3, with leaf biases shaped (L, 1, width): the module frontend's readings all
+    fail on it, the graph frontend reads it by numbers."""
+
+    def __init__(self, d=16, depth=3, width=4):
+        super().__init__()
+        torch.manual_seed(3)
+        self.depth, leaves = depth, 2 ** depth
+        self.nw, self.nb = nn.Parameter(torch.randn(leaves - 1, d) / d ** .5), nn.Parameter(torch.randn(leaves - 1) * .1)
+        self.w1, self.b1 = nn.Parameter(torch.randn(leaves, d, width) / d ** .5), nn.Parameter(torch.randn(leaves, 1, width) * .1)
+        self.w2, self.b2 = nn.Parameter(torch.randn(leaves, width, d) / width ** .5), nn.Parameter(torch.randn(leaves, 1, d) * .1)
+
+    def forward(self, x):
+        B, leaves = x.shape[0], 2 ** self.depth
+        mix = x.new_ones(B, leaves)
+        for k in range(self.depth):
+            p = torch.sigmoid(x @ self.nw[2 ** k - 1:2 ** (k + 1) - 1].t() + self.nb[2 ** k - 1:2 ** (k + 1) - 1])
+            pair = torch.stack([1 - p, p], -1).flatten(1).unsqueeze(-1)
+            mix = (mix.view(B, 2 ** (k + 1), leaves // 2 ** (k + 1)) * pair).reshape(B, leaves)
+        h = torch.relu(torch.bmm(x.unsqueeze(0).expand(leaves, -1, -1), self.w1) + self.b1)
+        y = (torch.bmm(h, self.w2) + self.b2).transpose(0, 1)
+        return (mix.unsqueeze(-1) * y).sum(1)
+
+
+def test_a_layer_rewritten_by_one_frontend_is_not_also_reported_as_left():
+    """The module frontend refuses the root; the graph frontend rewrites it there: the report
+    lists the layer once, as rewritten."""
+    module_only = fffcompile.optimize(_BroadcastBiasTree().eval(), (torch.randn(4, 16),), frontends=("module",))
+    assert module_only.report.rewritten == [] and [l.where for l in module_only.report.left] == ["(the model itself)"]
+    fast = fffcompile.optimize(_BroadcastBiasTree().eval(), (torch.randn(4, 16),))
+    assert [(r.frontend, r.where) for r in fast.report.rewritten] == [("fx", "(the model itself)")]
+    assert fast.report.left == []

@@ -79,7 +79,7 @@ def _where(nodes) -> str:
         while k < min(len(common), len(p)) and common[k] == p[k]:
             k += 1
         common = common[:k]
-    return ".".join(common)
+    return ".".join(common) or "(the model itself)"   # the module frontend's name for the root
 
 
 def _live(facts: GraphFacts, n: fx.Node) -> list[fx.Node]:
