@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fffcompile import activations
+from fffcompile import activations, reference
 from fffcompile.spec import FFFSpec
 
 P = nn.Parameter
@@ -58,6 +58,17 @@ def _path_matrices(depth: int):
             (R if right[j, level] else Lm)[nodes[j, level], j] = 1.0
     return R, Lm
 
+
+
+class Reference(nn.Module):
+    """The independent oracle: reference.hard of the true spec, as a layer."""
+
+    def __init__(self, spec: FFFSpec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, x):
+        return reference.hard(self.spec, x)
 
 class _LeafParams(nn.Module):
     def __init__(self, spec: FFFSpec):

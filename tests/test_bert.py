@@ -10,20 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from fffcompile import optimize, reference
-from graph_gallery import Packed, Table
+from fffcompile import optimize
+from graph_gallery import Packed, Reference, Table
 from specs import make_spec
 
 transformers = pytest.importorskip("transformers")
-
-
-class _Hard(nn.Module):
-    def __init__(self, spec):
-        super().__init__()
-        self.spec = spec
-
-    def forward(self, x):
-        return reference.hard(self.spec, x)
 
 
 def _bert(ffs):
@@ -41,7 +32,7 @@ def test_bert_with_fff_feedforwards_is_rewritten_and_exact():
     specs = [make_spec("leaf_mlp", depth=3, d_in=32, d_out=32, leaf_width=8, activation="gelu", seed=1),
              make_spec("leaf_mlp", depth=4, d_in=32, d_out=32, leaf_width=4, activation="relu", seed=2)]
     model = _bert([Table(specs[0]), Packed(specs[1])])
-    hardened = _bert([_Hard(spec) for spec in specs])
+    hardened = _bert([Reference(spec) for spec in specs])
     ids = torch.randint(0, 97, (2, 9))
     fast = optimize(model, (ids,))
     assert len(fast.report.rewritten) == 2, str(fast.report)

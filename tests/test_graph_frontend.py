@@ -11,6 +11,7 @@ from torch import nn
 
 import fffcompile
 import graph_gallery as G
+from graph_gallery import Reference
 from fffcompile import reference
 from fffcompile.passes.graph_capture import capture
 from fffcompile.passes.graph_confirm import GraphConfirmed
@@ -32,17 +33,6 @@ def _seed():
 
 def rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-class Reference(nn.Module):
-    """The independent oracle: reference.hard of the true spec, as a layer."""
-
-    def __init__(self, spec):
-        super().__init__()
-        self.spec = spec
-
-    def forward(self, x):
-        return reference.hard(self.spec, x)
 
 
 def fused_calls(gm):

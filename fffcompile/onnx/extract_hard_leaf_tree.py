@@ -27,8 +27,7 @@ import torch
 
 from .. import reference
 from ..spec import ACTIVATIONS, FFFSpec
-from .contract import torch_dtype
-from .extract_leaf_tree import NotExtracted, affine_probes, read_affine
+from .extract_leaf_tree import NotExtracted, input_dtypes, affine_probes, read_affine
 from .graph_index import GraphIndex, evaluate, make_session
 from .probes import columns, probe_shapes, shaped, x_layout
 from .region import Region
@@ -38,11 +37,7 @@ GATHERS = ("Gather", "GatherND", "GatherElements")
 
 def extract_hard_leaf_tree(index: GraphIndex, region: Region, comparisons: list[int], tie: str) -> Iterator[FFFSpec]:
     rank, d_in = x_layout(index.shape(region.x))
-    try:
-        dtype = torch_dtype(index.elem_type(region.x))
-    except KeyError:
-        raise NotExtracted("the FFF input is not a floating-point tensor")
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    dtype, np_dtype = input_dtypes(index, region)
     z = index.producer_node(_logit(index, comparisons[0])).input[0]
     probes = affine_probes(d_in)
     model = index.submodel(index.backward_slice([z], stop={region.x}) & region.nodes, region.inputs, [z])

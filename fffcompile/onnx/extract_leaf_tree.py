@@ -46,6 +46,15 @@ class NotExtracted(Exception):
     """The region is not (or not provably) the form this extractor reads; the message says why."""
 
 
+def input_dtypes(index: GraphIndex, region: Region) -> tuple[torch.dtype, type]:
+    """The FFF input's torch dtype, and the numpy dtype its probes are fed in (float64 or float32)."""
+    try:
+        dtype = torch_dtype(index.elem_type(region.x))
+    except KeyError:
+        raise NotExtracted("the FFF input is not a floating-point tensor")
+    return dtype, (np.float64 if dtype == torch.float64 else np.float32)
+
+
 def affine_probes(d_in: int, extra: int = 3, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return np.concatenate([np.zeros((1, d_in)), np.eye(d_in), rng.standard_normal((extra, d_in))])
@@ -67,12 +76,7 @@ def read_affine(values: np.ndarray, probes: np.ndarray, what: str) -> tuple[np.n
 def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) -> Iterator[FFFSpec]:
     """Spec hypotheses, cheapest reading first (see the module doc); ``confirm`` keeps the first that holds."""
     rank, d_in = x_layout(index.shape(region.x))
-    elem = index.elem_type(region.x)
-    try:
-        dtype = torch_dtype(elem)
-    except KeyError:
-        raise NotExtracted("the FFF input is not a floating-point tensor")
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    dtype, np_dtype = input_dtypes(index, region)
     static = static_tensors(index)
     z_names = [index.nodes[i].input[0] for i in sigmoids]
     p_names = [index.nodes[i].output[0] for i in sigmoids]

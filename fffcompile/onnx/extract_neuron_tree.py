@@ -23,8 +23,7 @@ import torch
 
 from ..spec import FFFSpec
 from .activation_match import elementwise_closure, match_activation
-from .contract import torch_dtype
-from .extract_leaf_tree import NotExtracted, affine_probes, read_affine
+from .extract_leaf_tree import NotExtracted, input_dtypes, affine_probes, read_affine
 from .graph_index import GraphIndex, evaluate, make_session
 from .probes import columns, feed_shape, shaped, x_layout
 from .region import Region
@@ -43,11 +42,7 @@ def layouts(neurons: int) -> list[tuple[int, int]]:
 def extract_neuron_tree(index: GraphIndex, region: Region, comparison: int, tie: str) -> Iterator[FFFSpec]:
     """Specs for every layout hypothesis, most likely first."""
     rank, d_in = x_layout(index.shape(region.x))
-    try:
-        dtype = torch_dtype(index.elem_type(region.x))
-    except KeyError:
-        raise NotExtracted("the FFF input is not a floating-point tensor")
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    dtype, np_dtype = input_dtypes(index, region)
     node = index.nodes[comparison]
     a = node.input[0] if node.op_type in ("Greater", "GreaterOrEqual") else node.input[1]
     decisions = node.output[0]

@@ -146,34 +146,23 @@ class GraphFacts:
 
     def ancestors(self, roots, stop=None) -> set[fx.Node]:
         """Every node some root reads, transitively (roots included), not walking past ``stop``."""
-        seen, stack = set(), list(roots)
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if stop is not None and n in stop:
-                continue
-            stack.extend(n.all_input_nodes)
-        return seen
+        return _reach(roots, lambda n: () if stop is not None and n in stop else n.all_input_nodes)
 
     def descendants(self, roots) -> set[fx.Node]:
-        seen, stack = set(), list(roots)
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            stack.extend(n.users)
-        return seen
+        """Every node that reads some root, transitively (roots included)."""
+        return _reach(roots, lambda n: n.users)
 
     def value_descendants(self, roots) -> set[fx.Node]:
         """Nodes whose value depends on some root (not through shape-only ops)."""
-        seen, stack = set(), list(roots)
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
+        return _reach(roots, lambda n: (u for u in n.users if self.name[u] not in SHAPE_ONLY))
+
+
+def _reach(roots, step) -> set[fx.Node]:
+    """The roots and every node reached from them by ``step`` (a node -> its next nodes)."""
+    seen, stack = set(), list(roots)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
             seen.add(n)
-            stack.extend(u for u in n.users if self.name[u] not in SHAPE_ONLY)
-        return seen
+            stack.extend(step(n))
+    return seen

@@ -47,6 +47,17 @@ inline void dots(const typename V::A* const* x, const typename V::S* const* w, i
   }
 }
 
+// dots<V, NR> for the run-time row count nr (1..4) of a block of rows.
+template <class V>
+inline void dots_rows(int nr, const typename V::A* const* x, const typename V::S* const* w, int64_t n, typename V::A* z) {
+  switch (nr) {
+    case 4: dots<V, 4>(x, w, n, z); break;
+    case 3: dots<V, 3>(x, w, n, z); break;
+    case 2: dots<V, 2>(x, w, n, z); break;
+    default: dots<V, 1>(x, w, n, z); break;
+  }
+}
+
 // y[r][j0 : j0 + MV W] = bias + sum_k a[r][k] B[k][j0 : ...] for NR rows: one pass over B feeds NR rows.
 // KU independent accumulator sets over k hide the FMA latency when NR * MV is small.
 template <class V, int NR, int MV, int KU>
@@ -201,12 +212,7 @@ void leaf_route(const LeafArgs& p, int64_t begin, int64_t end, int64_t* leaf) {
       for (int r = 0; r < 4; ++r) wr[r] = NW + node[r < nr ? r : 0] * d;
       if (level + 1 < p.depth && p.child_mode == 2)  // both children are adjacent rows: fetch them while this level computes
         for (int r = 0; r < nr; ++r) prefetch_bytes(NW + (2 * node[r] + 1) * d, 2 * d * int64_t(sizeof(S)));
-      switch (nr) {
-        case 4: dots<V, 4>(xr, wr, d, z); break;
-        case 3: dots<V, 3>(xr, wr, d, z); break;
-        case 2: dots<V, 2>(xr, wr, d, z); break;
-        default: dots<V, 1>(xr, wr, d, z); break;
-      }
+      dots_rows<V>(nr, xr, wr, d, z);
       for (int r = 0; r < nr; ++r) {
         const A zz = z[r] + static_cast<A>(NB[node[r]]);
         const bool right = p.tie_ge ? (zz >= A(0)) : (zz > A(0));
@@ -302,12 +308,7 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
             prefetch_bytes(TW + (2 * node[r] + 1) * sw, 256);
             prefetch_bytes(TW + (2 * node[r] + 2) * sw, 256);
           }
-        switch (nr) {
-          case 4: dots<V, 4>(xr, wr, d, z); break;
-          case 3: dots<V, 3>(xr, wr, d, z); break;
-          case 2: dots<V, 2>(xr, wr, d, z); break;
-          default: dots<V, 1>(xr, wr, d, z); break;
-        }
+        dots_rows<V>(nr, xr, wr, d, z);
         for (int r = 0; r < nr; ++r) {
           const A a = z[r] + static_cast<A>(TB[node[r]]);
           const bool right = p.tie_ge ? (a >= A(0)) : (a > A(0));
