@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from fffcompile.cli import main
 from fffcompile.onnx.contract import attribute, is_fff_node
@@ -57,6 +58,28 @@ def test_export_with_inputs_npz_and_external_data(tmp_path, capsys):
     assert "(11, 12)" not in err and out.exists()
     assert len([n for n in onnx.load(str(out)).graph.node if is_fff_node(n)]) == 1
     assert onnx.load(str(out)).graph.initializer        # the weights are where the file says
+
+
+def test_legacy_export_with_a_baked_sequence_length(tmp_path, capsys):
+    # the legacy exporter bakes attention's sequence length into Reshape constants: the whole-model check must
+    # find a size the original runs at (here the exported 5), not fail on its own generated inputs
+    module, x = F.case("transformer")
+    src = F.export(module, x, str(tmp_path / "legacy.onnx"), "legacy")
+    with pytest.raises(Exception, match="Reshape"):
+        run(src, {"x": np.zeros((3, 3, 8), np.float32)})
+    out = tmp_path / "out.onnx"
+    code, stdout, err = cli(capsys, "export", src, "--target", "trt", "-o", str(out))
+    assert code == 0, err
+    assert "exactness y: PASS" in stdout
+    model = onnx.load(str(out))
+    assert len([n for n in model.graph.node if is_fff_node(n)]) == 2
+    y = next(iter(run(str(out), {"x": x.numpy()}).values()))
+    try:
+        with torch.no_grad():
+            hard = module.eval()(x)          # fffcompile.nn layers descend hard in eval
+    finally:
+        module.train()
+    np.testing.assert_allclose(y, hard.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_nothing_to_rewrite_is_copied_through(tmp_path, capsys):

@@ -359,7 +359,7 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
         except InvalidModelError as error:
             if inputs is not None:
                 raise
-            raise InvalidModelError(f"{error}; the check ran on generated inputs (symbolic dims set to 3): pass real "
+            raise InvalidModelError(f"{error}; the check ran on generated inputs: pass real "
                                     f"inputs (--inputs data.npz) or skip the check (--no-verify)") from error
         report.model_check = {f"exactness {k}": c for k, c in result.exactness.items()}
         report.model_check.update({f"fidelity {k}": c for k, c in (result.fidelity or {}).items()})
