@@ -144,6 +144,53 @@ class HardTree(nn.Module):
         return torch.einsum("bh,bho->bo", h, f.leaf_w2[leaf]) + f.leaf_b2[leaf]
 
 
+class GatheredNeuronTree(nn.Module):
+    """Form B as an inference port writes it: per level, the current node's weight row and bias gathered
+    (index_select) and dotted with x (bmm), > 0 steps the index; the path's output rows gathered at the end
+    and mixed by one bmm. The other nodes are never computed."""
+
+    def __init__(self, d_in, d_out, depth):
+        super().__init__()
+        self.depth, n = depth, 2 ** (depth + 1) - 1
+        self.w_in = nn.Parameter(torch.randn(n, d_in) / d_in ** 0.5)
+        self.b_in = nn.Parameter(0.1 * torch.randn(n))
+        self.w_out = nn.Parameter(torch.randn(n, d_out) / (depth + 1) ** 0.5)
+        self.b_out = nn.Parameter(0.1 * torch.randn(d_out))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        node = torch.zeros(flat.shape[0], dtype=torch.long, device=x.device)
+        nodes, logits = [], []
+        for _ in range(self.depth + 1):
+            z = torch.bmm(flat.unsqueeze(1), self.w_in.index_select(0, node).unsqueeze(-1))[:, 0, 0] \
+                + self.b_in.index_select(0, node)
+            nodes.append(node)
+            logits.append(z)
+            node = 2 * node + 1 + (z > 0).long()
+        rows = self.w_out.index_select(0, torch.stack(nodes, 1).flatten()).view(flat.shape[0], self.depth + 1, -1)
+        y = torch.bmm(torch.relu(torch.stack(logits, 1)).unsqueeze(1), rows)[:, 0] + self.b_out
+        return y.reshape(*x.shape[:-1], -1)
+
+
+class GatheredLeafTree(nn.Module):
+    """Form A written as its hard descent that gathers only the current node's row per level (x . W[n] + b[n]
+    >= 0), then the reached leaf's MLP from stacked tables."""
+
+    def __init__(self, d_in, d_out, depth, width):
+        super().__init__()
+        self.fff = FFF(d_in, d_out, depth, width, activation="silu")
+
+    def forward(self, x):
+        f = self.fff
+        node = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        for _ in range(f.depth):
+            z = (x * f.node_weight[node]).sum(-1) + f.node_bias[node]
+            node = 2 * node + 1 + (z >= 0).long()
+        leaf = node - (2 ** f.depth - 1)
+        h = torch.nn.functional.silu(torch.einsum("bd,bdh->bh", x, f.leaf_w1[leaf]) + f.leaf_b1[leaf])
+        return torch.einsum("bh,bho->bo", h, f.leaf_w2[leaf]) + f.leaf_b2[leaf]
+
+
 class PerLevelBmmTree(nn.Module):
     """A soft leaf-MLP tree whose mixture is built level by level (per-level router slices, the running path
     weights viewed as (B, 2^(k+1), L / 2^(k+1)) and multiplied by the interleaved (1 - p, p)) and whose leaves
@@ -292,6 +339,12 @@ def _spec_ufb(m: UltraFastBERTFFF) -> FFFSpec:
                    out_bias=torch.zeros(m.output_width), tie="gt", source="hard")
 
 
+def _spec_gathered_neuron_tree(m: GatheredNeuronTree) -> FFFSpec:
+    return FFFSpec(form="neuron_tree", depth=m.depth, activation="relu", node_weight=m.w_in.detach()[None],
+                   node_bias=m.b_in.detach()[None], out_weight=m.w_out.detach()[None], out_bias=m.b_out.detach(),
+                   tie="gt", source="hard")
+
+
 def _spec_neuron_tree(m: NeuronTree) -> FFFSpec:
     return FFFSpec(form="neuron_tree", depth=m.depth, activation=m.activation, node_weight=m.in_weight.detach(),
                    node_bias=m.in_bias.detach(), out_weight=m.out_weight.detach(), out_bias=m.out_bias.detach(),
@@ -319,6 +372,8 @@ CASES: dict[str, Case] = {
     "ultrafastbert": Case(lambda: UltraFastBERTFFF(12, 10, 3, 2), (2, 5, 12), 1, _spec_ufb),
     "neuron_tree": Case(lambda: NeuronTree(9, 5, 2, trees=3), (4, 9), 1, _spec_neuron_tree),
     "hard_tree": Case(lambda: HardTree(9, 5, 3, 4), (4, 9), 1, lambda m: _spec_fff(m.fff)),
+    "gathered_neuron_tree": Case(lambda: GatheredNeuronTree(10, 6, 3), (2, 5, 10), 1, _spec_gathered_neuron_tree),
+    "gathered_leaf_tree": Case(lambda: GatheredLeafTree(9, 5, 3, 4), (4, 9), 1, lambda m: _spec_fff(m.fff)),
     "linear_leaves": Case(lambda: LinearLeafTree(7, 4, 3), (4, 7), 1, _spec_linear_leaves),
     "module_list": Case(lambda: ModuleListTree(8, 5, depth=2), (4, 8), 1),
     "soft_tree": Case(lambda: SoftTreeMixture(8, depth=3), (4, 8), 1),

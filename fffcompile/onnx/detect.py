@@ -9,6 +9,9 @@
   the constant 0 (``Greater(a, 0)``, ``GreaterOrEqual(a, 0)``, or ``Less``/``LessOrEqual`` with
   the operands swapped) whose ``a`` also feeds other ops (the activation); one candidate each.
 
+- Hard trees that gather the current node's weight row (``gathered_dot``: z = X . Gather(W, n), per
+  level): all such comparisons of one X and tie rule form one candidate ("G"), when at least one
+  gathers by a data-dependent index (``extract_gathered_tree``; forms A and B).
 - Form A, hard (a descent written with gathers): comparisons with 0 of a logit *picked* by a
   data-dependent Gather/GatherElements/GatherND from a projection of X (every node's logit);
   all such comparisons of one X form one candidate ("H").
@@ -38,7 +41,8 @@ COMPARISONS = {"Greater": ("gt", 1), "GreaterOrEqual": ("ge", 1), "Less": ("gt",
 
 @dataclass
 class Candidate:
-    form: str                      # "A" (soft leaf tree, maybe with a master leaf), "H" (hard leaf tree), "B" (neuron tree)
+    form: str                      # "A" (soft leaf tree, maybe with a master leaf), "H" (hard leaf tree), "B" (neuron
+                                   # tree), "G" (hard tree gathering its node rows)
     x: str                         # the tensor the tree routes
     anchors: list[int]             # node indices: sigmoids (A) or one comparison (B)
     tie: str = "ge"
@@ -97,10 +101,55 @@ def scaled_routers(index: GraphIndex) -> list[tuple[int, str]]:
     return out
 
 
+# layout ops, also Gather/Slice when their indices are constant (``x[:, 0, 0]``)
+_VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Expand", "Gather", "Slice")
+_GATHERS = ("Gather", "GatherElements", "GatherND")
+
+
+def _through_views(index: GraphIndex, name: str, static: set[str]) -> str:
+    """The tensor ``name`` is a reshaped / transposed view of (following single-data-input layout ops back)."""
+    for _ in range(8):
+        node = index.producer_node(name)
+        if node is None or node.op_type not in _VIEWS or any(t and t not in static for t in node.input[1:]):
+            return name
+        name = node.input[0]
+    return name
+
+
+def gathered_dot(index: GraphIndex, a: str, static: set[str]) -> Optional[tuple[str, bool]]:
+    """(X, dynamic) when logit ``a`` is a dot product of X with a row gathered from a constant table (a hard
+    descent that gathers the current node's weights; ``dynamic``: gathered by a data-dependent index), plus
+    layout ops, a gathered bias and a ReduceSum; None otherwise."""
+    frontier, seen = [a], 0
+    while frontier and seen < 12:
+        node = index.producer_node(frontier.pop())
+        seen += 1
+        if node is None:
+            continue
+        if node.op_type == "Add" or node.op_type in _VIEWS + ("ReduceSum",) \
+                and all(t in static for t in node.input[1:] if t):
+            frontier.extend(t for t in node.input[:1 if node.op_type != "Add" else 2] if t and t not in static)
+            continue
+        if node.op_type not in ("MatMul", "Einsum", "Mul") or len(node.input) != 2:
+            continue
+        sides = [_through_views(index, t, static) for t in node.input]
+        for k in (0, 1):
+            table = index.producer_node(sides[k])
+            other = sides[1 - k]
+            if table is not None and table.op_type in _GATHERS and table.input[0] in index.constant \
+                    and other not in static and index.producer_node(other) is not table:
+                picked = index.producer_node(other)
+                if picked is not None and picked.op_type in _GATHERS and picked.input[0] in index.constant:
+                    continue
+                return other, any(t and t not in static for t in table.input[1:])
+    return None
+
+
 def find_candidates(index: GraphIndex) -> list[Candidate]:
     static = static_tensors(index)
     sigmoid_groups: dict[str, list[int]] = {}
     hard_groups: dict[tuple[str, str], list[int]] = {}
+    gathered_groups: dict[tuple[str, str], list[tuple[int, bool, Optional[Candidate]]]] = {}
     candidates: list[Candidate] = []
     for i, node in enumerate(index.nodes):
         if is_fff_node(node) or node.domain not in ("", "ai.onnx"):
@@ -123,15 +172,24 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
                 if x is not None:
                     hard_groups.setdefault((x, tie), []).append(i)
                 continue
-            if not _read_elsewhere(index, a):
-                continue          # a decision on a logit nothing else reads is no neuron tree
-            x = trace_source(index, a, static)
-            if x is not None:
-                candidates.append(Candidate("B", x, [i], tie=tie))
+            gathered = gathered_dot(index, a, static)
+            neuron = None
+            if _read_elsewhere(index, a):      # a decision on a logit nothing else reads is no neuron tree
+                x = trace_source(index, a, static)
+                neuron = Candidate("B", x, [i], tie=tie) if x is not None else None
+            if gathered is not None:
+                gathered_groups.setdefault((gathered[0], tie), []).append((i, gathered[1], neuron))
+            elif neuron is not None:
+                candidates.append(neuron)
     for x, sigmoids in sigmoid_groups.items():
         candidates.append(Candidate("A", x, sigmoids))
     for (x, tie), comparisons in hard_groups.items():
         candidates.append(Candidate("H", x, comparisons, tie=tie))
+    for (x, tie), members in gathered_groups.items():
+        if any(dynamic for _, dynamic, _ in members):
+            candidates.append(Candidate("G", x, [i for i, _, _ in members], tie=tie))
+        else:       # every row gathered by a constant index: an ordinary projection
+            candidates.extend(neuron for _, _, neuron in members if neuron is not None)
     candidates.sort(key=lambda c: c.anchors[0])
     return candidates
 

@@ -55,25 +55,8 @@ def extract_hard_leaf_tree(index: GraphIndex, region: Region, comparisons: list[
             value = index.constant_value(node.input[0])
             if value is not None and value.ndim in (2, 3) and value.shape[0] == leaves:
                 tables.append(value.astype(np.float64))
-    threes = [t for t in tables if t.ndim == 3]
-    twos = [t for t in tables if t.ndim == 2]
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-    hypotheses = []
-    for first, second in ([threes[0], threes[1]], [threes[1], threes[0]]) if len(threes) == 2 else \
-            ([(threes[0], None)] if len(threes) == 1 else []):
-        for w1 in {id(first): first, **({} if first.shape[2] != d_in else {-1: first.transpose(0, 2, 1)})}.values():
-            if w1.shape[1] != d_in:
-                continue
-            width = w1.shape[2]
-            b1s = [t for t in twos if t.shape[1] == width]
-            if second is None:
-                hypotheses += [(w1, b1, None, None) for b1 in b1s]
-                continue
-            for w2 in (second, second.transpose(0, 2, 1)):
-                if w2.shape[1] != width:
-                    continue
-                b2s = [t for t in twos if t.shape[1] == w2.shape[2]]
-                hypotheses += [(w1, b1, w2, b2) for b1, b2 in itertools.product(b1s, b2s) if b1 is not b2]
+    hypotheses = leaf_hypotheses(tables, d_in)
     if not hypotheses:
         raise NotExtracted("no leaf weight tables of 2^D rows are gathered by the descent")
     # the region's own output on probe rows, to pick the activation before the formal confirmation
@@ -93,3 +76,27 @@ def extract_hard_leaf_tree(index: GraphIndex, region: Region, comparisons: list[
 def _logit(index: GraphIndex, comparison: int) -> str:
     node = index.nodes[comparison]
     return node.input[0] if node.op_type in ("Greater", "GreaterOrEqual") else node.input[1]
+
+
+def leaf_hypotheses(tables: list[np.ndarray], d_in: int) -> list[tuple]:
+    """Every reading (w1, b1, w2, b2) of leaf tables (first dim 2^D) by their shapes: (L, d_in, l) or its
+    transpose is w1, (L, l) b1, (L, l, d_out) or its transpose w2, (L, d_out) b2 (None: linear leaves)."""
+    threes = [t for t in tables if t.ndim == 3]
+    twos = [t for t in tables if t.ndim == 2]
+    hypotheses = []
+    for first, second in ([threes[0], threes[1]], [threes[1], threes[0]]) if len(threes) == 2 else \
+            ([(threes[0], None)] if len(threes) == 1 else []):
+        for w1 in {id(first): first, **({} if first.shape[2] != d_in else {-1: first.transpose(0, 2, 1)})}.values():
+            if w1.shape[1] != d_in:
+                continue
+            width = w1.shape[2]
+            b1s = [t for t in twos if t.shape[1] == width]
+            if second is None:
+                hypotheses += [(w1, b1, None, None) for b1 in b1s]
+                continue
+            for w2 in (second, second.transpose(0, 2, 1)):
+                if w2.shape[1] != width:
+                    continue
+                b2s = [t for t in twos if t.shape[1] == w2.shape[2]]
+                hypotheses += [(w1, b1, w2, b2) for b1, b2 in itertools.product(b1s, b2s) if b1 is not b2]
+    return hypotheses

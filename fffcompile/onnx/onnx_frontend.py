@@ -3,9 +3,11 @@
     model, report = optimize_onnx(onnx.load("model.onnx"), target="trt")
 
 1. ``detect``: anchors (router sigmoids of one input X; a neuron tree's comparison with 0; the
-   comparisons of a hard descent, ``extract_hard_leaf_tree``);
+   comparisons of a hard descent, ``extract_hard_leaf_tree``, or of one that gathers its node
+   rows, ``extract_gathered_tree``);
 2. ``region``: the closed subgraph X -> Y around each candidate, smallest first;
-3. ``extract_leaf_tree`` / ``extract_neuron_tree``: the FFFSpec, weights read back by numbers;
+3. ``extract_leaf_tree`` / ``extract_neuron_tree`` / the hard extractors: the FFFSpec, weights read
+   back by numbers (or, for gathered tables, read by structure and kept only where the numbers agree);
 4. ``confirm``: the cut-out region (sigmoids hardened) against ``reference.hard`` on probes;
 5. rewrite: the region's nodes that depend on X are removed (and the constants only they read),
    one ``fff_node(spec, X, Y)`` takes their place with Y's name, so every consumer and the rest
@@ -38,6 +40,7 @@ from .contract import check_target
 from .detect import Candidate, find_candidates, scaled_routers, split_by_outputs
 from .extract_leaf_tree import NotExtracted, extract_leaf_tree
 from .extract_hard_leaf_tree import extract_hard_leaf_tree
+from .extract_gathered_tree import extract_gathered_tree
 from .extract_neuron_tree import extract_neuron_tree
 from .graph_index import GraphIndex
 from .linear_chains import chain_ends, projected_tensors, static_tensors
@@ -88,6 +91,9 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
             sigmoids = [index.nodes[i].name for i in candidate.anchors]
         elif candidate.form == "H":
             specs = extract_hard_leaf_tree(index, region, candidate.anchors, candidate.tie)
+            sigmoids = []
+        elif candidate.form == "G":
+            specs = extract_gathered_tree(index, region, candidate.tie)
             sigmoids = []
         else:
             specs = extract_neuron_tree(index, region, candidate.anchors[0], candidate.tie)
@@ -165,7 +171,7 @@ def _confirm(index: GraphIndex, candidate: Candidate, where: str, taken: set[int
     reasons = []
     result = None
     outputs = [index.nodes[i].output[0] for i in candidate.anchors]
-    uses = other_uses(index, candidate) if candidate.form != "H" else set()
+    uses = other_uses(index, candidate) if candidate.form not in ("H", "G") else set()
     for region, why in candidate_regions(index, candidate.x, outputs, uses):
         if region is None:
             if result is None:

@@ -1,0 +1,104 @@
+"""Hard trees that gather their node rows: the FFFSpec of a descent that never computes the other nodes.
+
+UltraFastBERT's benchmark layers (and most hand-written hard paths) step a node index n per
+level, gather that node's weight row from a constant table, z = x . W[n] (+ b[n]), compare z
+with 0 (``detect``: the comparisons are grouped by the X they dot with and their tie rule) and
+step n <- 2n + 1 + [z > 0]. Then either
+
+- form B: y = sum over the path of act(z_level) V[n_level] (+ c), V gathered from a second
+  table of the same 2^(D+1) - 1 rows, or
+- form A: y = leaf MLP of the leaf reached, its weights gathered from tables of 2^D rows
+  (``extract_hard_leaf_tree.leaf_hypotheses``), the node table having 2^D - 1 rows.
+
+Reading the weights: the node table is the constant 2-D table gathered inside the region whose
+rows number 2^k - 1 and whose width is d_in (node biases: a gathered 1-D table of that length,
+or none); the rest are the output / leaf tables. The activation acts on gathered values and is
+not one op: every activation fffcompile knows is a hypothesis. Each hypothesis is run through
+``reference.hard`` on probe rows and kept only where it reproduces the region's own output (a
+form-B output bias is the constant difference); ``confirm`` then checks the survivor formally.
+
+Must not fire on a descent whose tables are not in heap order or whose step is not the binary
+recurrence: no hypothesis reproduces its output, and nothing is rewritten.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .. import reference
+from ..spec import ACTIVATIONS, FFFSpec
+from .extract_leaf_tree import NotExtracted, input_dtypes
+from .extract_hard_leaf_tree import GATHERS, leaf_hypotheses
+from .graph_index import GraphIndex, evaluate, make_session
+from .probes import probe_shapes, x_layout
+from .region import Region
+
+
+def gathered_tables(index: GraphIndex, region: Region) -> list[np.ndarray]:
+    """The constant tables (1-D to 3-D) that gathers inside the region read rows of, in graph order, once each."""
+    seen, tables = set(), []
+    for i in sorted(region.x_nodes):
+        node = index.nodes[i]
+        if node.op_type in GATHERS and node.input[0] in index.constant and node.input[0] not in seen:
+            value = index.constant_value(node.input[0])
+            if value is not None and 1 <= value.ndim <= 3 and value.dtype.kind == "f":
+                seen.add(node.input[0])
+                tables.append(np.asarray(value, dtype=np.float64))
+    return tables
+
+
+def _matches(spec: FFFSpec, x: np.ndarray, want: torch.Tensor, output_bias: bool) -> FFFSpec | None:
+    got = reference.hard(spec, torch.from_numpy(x)).double()
+    if got.shape != want.shape:
+        return None
+    scale = 1e-4 * max(1.0, float(want.abs().max()))
+    if output_bias:      # form B without a gathered output bias: the constant difference is the bias
+        diff = (want - got).reshape(-1, want.shape[-1])
+        bias = diff.mean(0)
+        if not torch.allclose(diff, bias.expand_as(diff), rtol=0, atol=scale):
+            return None
+        return spec.replace(out_bias=bias.to(spec.node_weight.dtype))
+    return spec if torch.allclose(got, want, rtol=1e-4, atol=scale) else None
+
+
+def extract_gathered_tree(index: GraphIndex, region: Region, tie: str) -> Iterator[FFFSpec]:
+    rank, d_in = x_layout(index.shape(region.x))
+    dtype, np_dtype = input_dtypes(index, region)
+    tables = gathered_tables(index, region)
+    node_tables = [t for t in tables if t.ndim == 2 and t.shape[1] == d_in and (t.shape[0] + 1) & t.shape[0] == 0]
+    if not node_tables:
+        raise NotExtracted("no constant table of 2^k - 1 rows of width d_in is gathered by the descent")
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    session = make_session(index.submodel(region.nodes, region.inputs, [region.y]))
+    x = np.random.default_rng(1).standard_normal(probe_shapes(rank, d_in)[1]).astype(np_dtype)
+    want = torch.from_numpy(np.asarray(evaluate(session, region.feed(index, x), [region.y])[region.y])).double()
+    for W in node_tables:
+        n = W.shape[0]
+        biases = [None] + [t for t in tables if t.ndim == 1 and t.shape[0] == n]
+        rest = [t for t in tables if t is not W]
+        for b, activation in itertools.product(biases, ACTIVATIONS):
+            bias = np.zeros(n) if b is None else b
+            # form B: a second table of the same rows holds the output rows
+            for V in (t for t in rest if t.ndim == 2 and t.shape[0] == n):
+                depth = (n + 1).bit_length() - 2
+                if depth < 1:
+                    continue
+                spec = FFFSpec(form="neuron_tree", depth=depth, activation=activation, node_weight=to(W[None]),
+                               node_bias=to(bias[None]), out_weight=to(V[None]), out_bias=to(np.zeros(V.shape[1])),
+                               tie=tie, source="hard")
+                found = _matches(spec, x, want, output_bias=True)
+                if found is not None:
+                    yield found
+            # form A: leaf tables of n + 1 rows
+            depth = (n + 1).bit_length() - 1
+            for w1, b1, w2, b2 in leaf_hypotheses([t for t in rest if t.shape[0] == n + 1], d_in):
+                spec = FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(W),
+                               node_bias=to(bias), leaf_w1=to(w1), leaf_b1=to(b1),
+                               leaf_w2=None if w2 is None else to(w2), leaf_b2=None if b2 is None else to(b2),
+                               tie=tie, source="hard")
+                found = _matches(spec, x, want, output_bias=False)
+                if found is not None:
+                    yield found
