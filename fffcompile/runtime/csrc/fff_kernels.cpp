@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -79,6 +80,21 @@ struct NeuronArgs {
 // 2 cores; benchmarks/child_prefetch.py), so it is form B's default.
 static int g_child_mode = 1;
 static int g_child_mode_a = 2;
+// Subtree-blocked path (fff_body.h): used from g_group_min_b rows up for form B and from
+// g_group_min_a rows up for form A's routing, the split level chosen so that a bucket holds about
+// g_bucket_rows rows (measured: see the header); the next run's weight rows are prefetched
+// (g_subtree_prefetch: 0 not, 1 their first 256 bytes, 2 whole).
+static int64_t g_group_min_b = 2048, g_group_min_a = 128, g_bucket_rows = 32;
+static int g_subtree_prefetch = 1;
+// 1: threads take chunks from a shared counter (parallel_chunks); 0: at::parallel_for's static split.
+static int g_dynamic = 1;
+
+// The rows of one call on the subtree-blocked path: x and y rows in the accumulation type
+// (the tensors' own rows for float32/64, converted copies for 16-bit types), each row's node.
+struct GroupCtx {
+  const void* const* xr; void* const* yr; int64_t* node;
+  int64_t tree; int split; int64_t rows;
+};
 
 // Scalar "vector" of one lane: the portable path, and the 16-bit types' path on every ISA.
 template <class Storage>
@@ -229,15 +245,22 @@ struct Kernels {
   void (*route)(const LeafArgs&, int64_t, int64_t, int64_t*);
   void (*apply)(const LeafArgs&, int64_t, const int64_t*, int64_t);
   void (*neuron)(const NeuronArgs&, int64_t, int64_t);
+  void (*leaf_top)(const LeafArgs&, const GroupCtx&, int64_t, int64_t);
+  void (*leaf_subtree)(const LeafArgs&, const GroupCtx&, int64_t, const int32_t*, int32_t, int64_t*);
+  void (*neuron_top)(const NeuronArgs&, const GroupCtx&, int64_t, int64_t);
+  void (*neuron_subtree)(const NeuronArgs&, const GroupCtx&, int64_t, const int32_t*, int32_t);
 };
 
 template <class S>
 Kernels<S> kernels_for(int isa) {
 #if FFF_X86
-  if (isa == ISA_AVX512) return {avx512_isa::leaf_route<S>, avx512_isa::leaf_apply<S>, avx512_isa::neuron_rows<S>};
-  if (isa == ISA_AVX2) return {avx2_isa::leaf_route<S>, avx2_isa::leaf_apply<S>, avx2_isa::neuron_rows<S>};
+  if (isa == ISA_AVX512) return {avx512_isa::leaf_route<S>, avx512_isa::leaf_apply<S>, avx512_isa::neuron_rows<S>, 
+          avx512_isa::leaf_top<S>, avx512_isa::leaf_subtree<S>, avx512_isa::neuron_top<S>, avx512_isa::neuron_subtree<S>};
+  if (isa == ISA_AVX2) return {avx2_isa::leaf_route<S>, avx2_isa::leaf_apply<S>, avx2_isa::neuron_rows<S>, 
+          avx2_isa::leaf_top<S>, avx2_isa::leaf_subtree<S>, avx2_isa::neuron_top<S>, avx2_isa::neuron_subtree<S>};
 #endif
-  return {scalar_isa::leaf_route<S>, scalar_isa::leaf_apply<S>, scalar_isa::neuron_rows<S>};
+  return {scalar_isa::leaf_route<S>, scalar_isa::leaf_apply<S>, scalar_isa::neuron_rows<S>, 
+          scalar_isa::leaf_top<S>, scalar_isa::leaf_subtree<S>, scalar_isa::neuron_top<S>, scalar_isa::neuron_subtree<S>};
 }
 
 // Rows per parallel task so that a task does at least ~kMinTaskMacs multiply-accumulates: below
@@ -246,6 +269,120 @@ constexpr int64_t kMinTaskMacs = 1 << 17;
 
 int64_t grain_for(int64_t macs_per_row) {
   return std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, macs_per_row));
+}
+
+// ------------------------------------------------------------------------ subtree-blocked driver
+
+// The level whose nodes root the buckets: about g_bucket_rows rows per bucket, at most max_split.
+int split_level(int64_t rows, int max_split) {
+  int s = 0;
+  while (s < max_split && (rows >> (s + 1)) >= g_bucket_rows) ++s;
+  return s;
+}
+
+// body(b, e) over [0, n) in chunks of `chunk` elements. One thread when there is a single chunk or
+// one thread is set; otherwise the chunks are handed out one at a time from a shared counter to
+// at most at::get_num_threads() threads, so that a thread the OS leaves waiting (a machine shared
+// with other jobs) delays only its current chunk, not a fixed share of the work, and the calling
+// thread keeps taking chunks meanwhile. g_dynamic = 0: at::parallel_for's static split instead.
+template <class F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& body) {
+  chunk = std::max<int64_t>(1, chunk);
+  const int64_t tasks = (n + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    body(0, n);
+    return;
+  }
+  if (!g_dynamic) {
+    at::parallel_for(0, n, chunk, body);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < tasks;)
+      body(i * chunk, std::min(n, (i + 1) * chunk));
+  });
+}
+
+// Rows per task for per-row work of `macs` multiply-accumulates a row: a multiple of 4 (the row blocks).
+int64_t row_chunk(int64_t macs) { return (std::max<int64_t>(4, grain_for(macs)) + 3) / 4 * 4; }
+
+template <class S>
+struct GroupRows {
+  using A = typename std::conditional<std::is_same<S, double>::value, double, float>::type;
+  static constexpr bool same = std::is_same<S, A>::value;
+  std::vector<A> xbuf, ybuf;
+  std::vector<const void*> xr;
+  std::vector<void*> yr;
+  std::vector<int64_t> node;
+  std::vector<int32_t> order;
+  std::vector<int64_t> start;
+
+  GroupRows(const void* x, void* out, int64_t rows, int64_t d, int64_t m)
+      : xbuf(same ? 0 : rows * d), ybuf(same || !out ? 0 : rows * m), xr(rows), yr(out ? rows : 0), node(rows), order(rows) {
+    const S* X = static_cast<const S*>(x);
+    for (int64_t r = 0; r < rows; ++r) {
+      if constexpr (same) {
+        xr[r] = X + r * d;
+        if (out) yr[r] = static_cast<S*>(out) + r * m;
+      } else {
+        A* row = xbuf.data() + r * d;
+        for (int64_t e = 0; e < d; ++e) row[e] = static_cast<A>(X[r * d + e]);
+        xr[r] = row;
+        if (out) yr[r] = ybuf.data() + r * m;
+      }
+    }
+  }
+
+  // Counting sort of the rows by their node at level `split` into order / start.
+  void bucket(int split) {
+    const int64_t first = (int64_t(1) << split) - 1, n = int64_t(1) << split, rows = static_cast<int64_t>(node.size());
+    start.assign(n + 1, 0);
+    for (int64_t r = 0; r < rows; ++r) ++start[node[r] - first + 1];
+    for (int64_t q = 0; q < n; ++q) start[q + 1] += start[q];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t r = 0; r < rows; ++r) order[fill[node[r] - first]++] = static_cast<int32_t>(r);
+  }
+};
+
+template <class S>
+void neuron_subtrees(const NeuronArgs& p, const Kernels<S>& k) {
+  const int64_t rows = p.rows, m = p.d_out;
+  GroupRows<S> g(p.x, p.out, rows, p.d_in, m);
+  const int split = split_level(rows, p.depth);
+  const int64_t first = (int64_t(1) << split) - 1, buckets = int64_t(1) << split;
+  for (int64_t t = 0; t < p.trees; ++t) {
+    const GroupCtx c{g.xr.data(), g.yr.data(), g.node.data(), t, split, rows};
+    parallel_chunks(rows, std::max<int64_t>(32, row_chunk(split * (p.d_in + m))), [&](int64_t b, int64_t e) { k.neuron_top(p, c, b, e); });
+    g.bucket(split);
+    parallel_chunks(buckets, 1, [&](int64_t b, int64_t e) {
+      for (int64_t q = b; q < e; ++q)
+        if (g.start[q + 1] > g.start[q])
+          k.neuron_subtree(p, c, first + q, g.order.data() + g.start[q], static_cast<int32_t>(g.start[q + 1] - g.start[q]));
+    });
+  }
+  if constexpr (!GroupRows<S>::same) {
+    S* Y = static_cast<S*>(p.out);
+    for (int64_t i = 0; i < rows * m; ++i) Y[i] = static_cast<S>(g.ybuf[i]);
+  }
+}
+
+// Form A's routing on the subtree-blocked path: leaf[row] for every row.
+template <class S>
+void route_subtrees(const LeafArgs& p, const Kernels<S>& k, int64_t* leaf) {
+  const int64_t rows = p.rows;
+  GroupRows<S> g(p.x, nullptr, rows, p.d_in, 0);
+  const int split = split_level(rows, p.depth - 1);
+  const int64_t first = (int64_t(1) << split) - 1, buckets = int64_t(1) << split;
+  const GroupCtx c{g.xr.data(), nullptr, g.node.data(), 0, split, rows};
+  parallel_chunks(rows, std::max<int64_t>(32, row_chunk(split * p.d_in)), [&](int64_t b, int64_t e) { k.leaf_top(p, c, b, e); });
+  g.bucket(split);
+  parallel_chunks(buckets, 1, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q)
+      if (g.start[q + 1] > g.start[q])
+        k.leaf_subtree(p, c, first + q, g.order.data() + g.start[q], static_cast<int32_t>(g.start[q + 1] - g.start[q]), leaf);
+  });
 }
 
 template <class S>
@@ -261,7 +398,10 @@ void run_leaf(const LeafArgs& p, int isa) {
   }
   std::vector<int64_t> leaf(rows);
   const int64_t route_macs = std::max<int64_t>(1, p.depth * p.d_in);
-  at::parallel_for(0, rows, grain_for(route_macs), [&](int64_t b, int64_t e) { k.route(p, b, e, leaf.data() + b); });
+  if (rows >= g_group_min_a && p.depth >= 1)
+    route_subtrees<S>(p, k, leaf.data());
+  else
+    parallel_chunks(rows, row_chunk(route_macs), [&](int64_t b, int64_t e) { k.route(p, b, e, leaf.data() + b); });
   // Counting sort of rows by leaf.
   std::vector<int64_t> start(n_leaves + 1, 0), order(rows);
   for (int64_t r = 0; r < rows; ++r) ++start[leaf[r] + 1];
@@ -277,8 +417,7 @@ void run_leaf(const LeafArgs& p, int isa) {
     return;
   }
   // Split the sorted rows into equal chunks; a chunk may cut a leaf's group in two.
-  const int64_t grain = std::max<int64_t>(4, grain_for(leaf_macs));
-  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+  parallel_chunks(rows, row_chunk(leaf_macs), [&](int64_t b, int64_t e) {
     int64_t i = b;
     while (i < e) {
       const int64_t j = leaf[order[i]];
@@ -292,8 +431,12 @@ void run_leaf(const LeafArgs& p, int isa) {
 template <class S>
 void run_neuron(const NeuronArgs& p, int isa) {
   const Kernels<S> k = kernels_for<S>(isa);
+  if (p.rows >= g_group_min_b) {
+    neuron_subtrees<S>(p, k);
+    return;
+  }
   const int64_t macs = std::max<int64_t>(1, p.trees * (p.depth + 1) * (p.d_in + p.d_out));
-  at::parallel_for(0, p.rows, std::max<int64_t>(4, grain_for(macs)), [&](int64_t b, int64_t e) { k.neuron(p, b, e); });
+  parallel_chunks(p.rows, row_chunk(macs), [&](int64_t b, int64_t e) { k.neuron(p, b, e); });
 }
 
 void check_float(const at::Tensor& t, at::ScalarType dtype, const char* name) {
@@ -456,5 +599,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &fff::Prepared::call, py::arg("x"));
   m.def("_tune", [](int child_mode, int child_mode_a) { fff::g_child_mode = child_mode; fff::g_child_mode_a = child_mode_a; },
         "set tuning knobs (experiments only)");
+  m.def("_tune_grouped", [](int64_t min_b, int64_t min_a, int64_t bucket_rows, int prefetch, int dynamic) {
+          const auto before = std::make_tuple(fff::g_group_min_b, fff::g_group_min_a, fff::g_bucket_rows, fff::g_subtree_prefetch, fff::g_dynamic);
+          fff::g_group_min_b = min_b; fff::g_group_min_a = min_a; fff::g_bucket_rows = std::max<int64_t>(1, bucket_rows);
+          fff::g_subtree_prefetch = prefetch; fff::g_dynamic = dynamic;
+          return before;
+        }, "subtree-blocked path: rows from which it runs (form B, form A), rows per bucket, prefetch (0-2), dynamic "
+           "thread chunks (0/1); returns the previous values (tests and experiments only)");
   m.def("isa", []() { return std::string(fff::isa_name(fff::g_isa)); }, "instruction set chosen at load");
 }
