@@ -240,7 +240,7 @@ def machine_info(cpu_kernel) -> dict:
             "kernel_failure": cpu_kernel.failure(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
-CELL = 28
+CELL = 29
 
 
 def header() -> str:
@@ -262,7 +262,7 @@ def format_row(row: dict) -> str:
         spread_pct = ""
         if "spread" in row and m in row["spread"] and s > 0:
             spread_pct = f"+-{50 * (row['spread'][m]['p90'] - row['spread'][m]['p10']) / s:.0f}%"
-        cells.append(f"{_fmt_time(s):>10}{spread_pct:>6} {ratio:>8.1f}x{mark:1}")
+        cells.append(f"{_fmt_time(s):>10}{spread_pct:>7} {ratio:>8.1f}x{mark:1}")
     return f"{row['shape']:<6}{row['batch']:>6}{row['threads']:>4}" + "".join(f"{c:>{CELL}}" for c in cells)
 
 

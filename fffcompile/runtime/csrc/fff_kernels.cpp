@@ -1,17 +1,54 @@
 // CPU kernels of torch.ops.fffcompile.leaf_mlp_tree (form A) and neuron_tree (form B).
 //
-// One fused pass per row: the whole descent and the leaf (or the path neurons' outputs), no
-// intermediate tensors. The body (fff_body.h) is compiled three times, for AVX-512F, AVX2+FMA
-// and baseline x86-64 / any other CPU, each in its own namespace under `#pragma GCC target`;
-// the instruction set is picked once at run time (__builtin_cpu_supports). float32 and float64
-// run in their own type; bfloat16 and float16 are widened to float32 on load (vectorised: shift /
-// F16C), accumulated in float32 and rounded once on store (reference.py's rule). The AVX-512
-// path is compiled wherever the compiler knows the target and runs where the CPU reports
-// avx512f; the development machine (AMD Zen 3) has none, so it has compiled but not yet run.
+// Math (FORMS.md): with a_n = x . W_n + b_n, form A descends n = 2n + 1 + [a_n >= 0] (tie "ge")
+// or [a_n > 0] (tie "gt") D times and runs the reached leaf's MLP; form B sums act(a_{p,n}) V_{p,n}
+// over the D + 1 neurons on each tree's path, plus out_bias. No intermediate tensors. The body
+// (fff_body.h) is compiled three times, for AVX-512F, AVX2+FMA and baseline x86-64 / any other
+// CPU, each in its own namespace under `#pragma GCC target`; the instruction set is picked once at
+// run time (__builtin_cpu_supports). float32 and float64 run in their own type; bfloat16 and
+// float16 are widened to float32 on load (vectorised: shift / F16C), accumulated in float32 and
+// rounded once on store (reference.py's rule). The AVX-512 path is compiled wherever the compiler
+// knows the target and runs where the CPU reports avx512f; the development machine (AMD Zen 3)
+// has none, so it has compiled but not yet run.
 //
-// Parallelism: at::parallel_for over row blocks, one thread below a work threshold. Form A
-// routes every row first (leaf index per row), groups rows by leaf (counting sort) and runs each
-// leaf's MLP over its rows four at a time, so a leaf's weights stream once per four rows.
+// Two paths take the same decisions (the tie rule on the same a_n; only the summation order of
+// the dot products differs, so they agree to rounding, and exactly on ties at a_n = 0):
+//
+// - per row (neuron_rows, leaf_route): the whole descent of one row, four rows interleaved, then
+//   its output in one pass over its path's V rows. Form B below g_group_min_b = 2048 rows, form
+//   A's routing below g_group_min_a = 128 rows (batch 1 always).
+// - subtree-blocked (neuron_top/neuron_subtree, leaf_top/leaf_subtree), from those batch sizes:
+//   the top `split` levels per row as above, `split` chosen so that about g_bucket_rows = 32 rows
+//   reach each node of level `split`; the rows are bucketed by that node (counting sort) and each
+//   bucket descends its subtree level by level, every node's W row (and V row) loaded once for all
+//   of its rows, four rows per pass, the subtree's nodes in increasing address order, the bucket's
+//   x and y rows staying in L2.
+//
+// Form A then groups rows by leaf (counting sort) and runs each leaf's MLP over its rows four at a
+// time, so a leaf's weights stream once per four rows.
+//
+// Threads (parallel_chunks): rows, sorted rows or buckets in chunks of at least ~2^17
+// multiply-accumulates, handed out from a shared counter so that a thread the OS leaves waiting
+// on a shared machine delays one chunk, not half the work; a single chunk (batch 1) never wakes a
+// second thread.
+//
+// Measured on the development machine (AMD EPYC Zen 3, AVX2, 2 cores, 512 KB L2, 32 MB L3),
+// shared with other jobs (load average 4-5 during these runs on 2 cores: every figure is noisy,
+// +-30% between runs). `PYTHONPATH=. python benchmarks/kernel_micro.py --paths --cpu-time
+// --threads 1 --rounds 9` (thread CPU time, median of interleaved rounds, subtree path vs the per-row
+// path with static thread chunks, i.e. this kernel before them), us per row:
+//   UltraFastBERT 1x11 shape (d 768, depth 11): b128 4.4 vs 4.1, b1024 4.27 vs 4.25, b4096 3.67 vs 4.29;
+//   form A (d 768, depth 8, leaf width 16):   b128 11.2 vs 11.7, b1024 5.1 vs 5.7, b4096 3.46 vs 3.36.
+// An earlier run of the same comparison (load 3.5): UFB b4096 2.9 vs 3.3 (per row), form A
+// b128-1024 9-18% faster with the subtree path, UFB b128-1024 within noise; hence the thresholds.
+// Why no more: with d = 768 an x row is as large as a weight row (3 KB), and L2 holds about a
+// hundred rows' x and y next to the weights streaming through, so a node is shared by several
+// of a bucket's rows only in the subtree's first levels; below them each row still pulls its own
+// W and V rows from L3. The kernel stays bound by L3 / memory traffic, not by arithmetic.
+// `fffcompile bench --batches 1 128 1024 4096 --threads 1 2 --no-compile --rounds 5 --budget 3`
+// (same machine, load average 3.9-5.4) measured fffcompile at UFB 56 us / 567 us / 4.1 ms / 15.0
+// ms and form A 16 us / 1.24 ms / 6.0 ms / 18.1 ms at batch 1 / 128 / 1024 / 4096, one thread; two
+// threads could not be shown faster there (the second core was busy with the other jobs).
 
 #include <torch/extension.h>
 #include <ATen/EmptyTensor.h>
