@@ -5,7 +5,8 @@
 
 Per point: the median (p10-p90) over rounds of the time per call, each call on fresh rows (a pool
 larger than the caches is cycled); the (shape, batch, threads) points are interleaved round by
-round so that a load spike on the shared machine hits all of them alike. ``--paths`` also times
+round, in a new random order each round, so that a load spike on the shared machine hits all of
+them alike and none always runs on the caches its predecessor warmed. ``--paths`` also times
 every point with the subtree-blocked path off and threads splitting the rows statically (the
 kernel before it: "per-row"), interleaved with the defaults ("default"). ``--cpu-time`` measures
 the calling thread's CPU time instead of wall time: on a machine shared with other jobs it is
@@ -13,6 +14,7 @@ much steadier, but it is only meaningful at one thread.
 """
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -87,8 +89,10 @@ def main(argv=None):
             t0 = time.perf_counter()
             p["fn"](p["pool"][1])
             p["calls"] = max(1, min(100, int(0.01 / max(1e-9, time.perf_counter() - t0))))
-        for _ in range(args.rounds):
-            for p in points:
+        for rnd in range(args.rounds):
+            # a new order every round: a point timed right after a point of the same shape finds its
+            # weights warm, and a fixed order would hand that advantage to the same variant each time
+            for p in random.Random(rnd).sample(points, len(points)):
                 torch.set_num_threads(p["threads"])
                 ext._tune_grouped(*p["knobs"])
                 t0 = clock()

@@ -33,14 +33,17 @@
 // second thread.
 //
 // Measured on the development machine (AMD EPYC Zen 3, AVX2, 2 cores, 512 KB L2, 32 MB L3),
-// shared with other jobs (load average 4-5 during these runs on 2 cores: every figure is noisy,
-// +-30% between runs). `PYTHONPATH=. python benchmarks/kernel_micro.py --paths --cpu-time
-// --threads 1 --rounds 9` (thread CPU time, median of interleaved rounds, subtree path vs the per-row
-// path with static thread chunks, i.e. this kernel before them), us per row:
-//   UltraFastBERT 1x11 shape (d 768, depth 11): b128 4.4 vs 4.1, b1024 4.27 vs 4.25, b4096 3.67 vs 4.29;
-//   form A (d 768, depth 8, leaf width 16):   b128 11.2 vs 11.7, b1024 5.1 vs 5.7, b4096 3.46 vs 3.36.
-// An earlier run of the same comparison (load 3.5): UFB b4096 2.9 vs 3.3 (per row), form A
-// b128-1024 9-18% faster with the subtree path, UFB b128-1024 within noise; hence the thresholds.
+// shared with other jobs (load average 4-5 on the 2 cores during these runs: every figure is
+// noisy, +-15% between identical variants). `PYTHONPATH=. python benchmarks/kernel_micro.py --paths
+// --cpu-time --threads 1 --rounds 11` (thread CPU time, median of rounds in a random order per
+// round; "per row" = the subtree path off and static thread chunks, i.e. the kernel before them),
+// us per row, default vs per row:
+//   UltraFastBERT 1x11 shape (d 768, depth 11): b1 7.1 vs 6.6, b128 3.5 vs 3.0 (same code: noise
+//   at one thread), b1024 3.08 vs 3.05 (same code), b4096 2.67 vs 2.95 (subtree path: -10%);
+//   form A (d 768, depth 8, leaf width 16): b1 11.2 vs 11.3, b128 6.4 vs 7.2, b1024 3.60 vs 3.72,
+//   b4096 2.31 vs 2.54 (subtree routing: -3 to -11%).
+// An earlier run (fixed order, load 3.5) agreed: UFB b4096 2.9 vs 3.3, form A b128-1024 9-18%
+// faster, UFB b128-1024 within noise; hence the thresholds (form B 2048 rows, form A 128).
 // Why no more: with d = 768 an x row is as large as a weight row (3 KB), and L2 holds about a
 // hundred rows' x and y next to the weights streaming through, so a node is shared by several
 // of a bucket's rows only in the subtree's first levels; below them each row still pulls its own
