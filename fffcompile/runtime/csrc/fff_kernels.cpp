@@ -44,6 +44,10 @@
 //   b4096 2.31 vs 2.54 (subtree routing: -3 to -11%).
 // An earlier run (fixed order, load 3.5) agreed: UFB b4096 2.9 vs 3.3, form A b128-1024 9-18%
 // faster, UFB b128-1024 within noise; hence the thresholds (form B 2048 rows, form A 128).
+// A sweep of the knobs (same CPU-time method, UFB shape, load 4.2-4.7; _tune_grouped): b1024 per
+// row 3.57, buckets of 16 / 32 / 64 / 128 rows 3.54 / 3.66 / 3.73 / 4.07; b2048 per row 3.49, 32 rows
+// 3.04; b4096 per row 3.50, 16 / 32 / 64 / 128 rows 2.86 / 2.87 / 3.04 / 4.06 us per row; the
+// prefetch modes 0 / 1 / 2 within noise of each other.
 // Why no more: with d = 768 an x row is as large as a weight row (3 KB), and L2 holds about a
 // hundred rows' x and y next to the weights streaming through, so a node is shared by several
 // of a bucket's rows only in the subtree's first levels; below them each row still pulls its own
