@@ -18,8 +18,10 @@ Methods, all on the same weights and the same input rows:
 
 Timing: every call gets fresh rows (a pool of inputs larger than the caches is cycled), methods
 are interleaved round by round, the figure is the median over rounds of the time per call (small
-batches time several consecutive calls per round). Ratios are dense time / method time. Runs at
-1 thread and at all threads. Results print as a table and are written as JSON and a PNG plot.
+batches time several consecutive calls per round); the spread of the rounds is kept too: the 10th
+and 90th percentiles (``spread`` in the JSON, ``+-N%`` = half the p10-p90 range over the median
+in the table). Ratios are dense time / method time. Runs at 1 thread and at all threads. Results
+print as a table and are written as JSON and a PNG plot.
 A machine shared with other jobs gives noisy figures: compare runs on a quiet machine.
 """
 from __future__ import annotations
@@ -147,8 +149,18 @@ def _time_round(fn, pool: list[torch.Tensor], start: int, calls: int) -> tuple[f
     return (time.perf_counter() - t0) / calls, start + calls
 
 
-def measure(shape: Shape, batch: int, threads: int, rounds: int, budget_s: float, seed: int = 0) -> dict[str, float]:
-    """Median seconds per call of every method on fresh rows, methods interleaved round by round."""
+def spread(times: list[float]) -> dict[str, float]:
+    """Median, 10th and 90th percentiles (linear interpolation between rounds) and the round count."""
+    ts = sorted(times)
+    if len(ts) == 1:
+        return {"median": ts[0], "p10": ts[0], "p90": ts[0], "rounds": 1}
+    q = statistics.quantiles(ts, n=10, method="inclusive")
+    return {"median": statistics.median(ts), "p10": q[0], "p90": q[-1], "rounds": len(ts)}
+
+
+def measure(shape: Shape, batch: int, threads: int, rounds: int, budget_s: float, seed: int = 0) -> dict[str, dict]:
+    """Seconds per call of every method on fresh rows, methods interleaved round by round:
+    ``{method: spread(rounds)}`` (median, p10, p90, rounds)."""
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed + batch)
     # enough distinct rows that repeated calls do not find their paths in cache (>= 256 rows, >= 2 batches)
@@ -170,7 +182,7 @@ def measure(shape: Shape, batch: int, threads: int, rounds: int, budget_s: float
                 times[name].append(t)
             if r >= 2 and time.perf_counter() - started > budget_s:
                 break
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: spread(ts) for name, ts in times.items()}
 
 
 def run(shapes=SHAPES, batches=BATCHES, threads: Optional[list[int]] = None, rounds: int = 9, budget_s: float = 20.0,
@@ -201,14 +213,20 @@ def run(shapes=SHAPES, batches=BATCHES, threads: Optional[list[int]] = None, rou
                         if note not in shape.notes:
                             shape.notes.append(note)
                             log(f"# note: {note}")
-                    medians = measure(shape, batch, t, rounds, budget_s)
-                    row = {"shape": name, "batch": batch, "threads": t,
-                           "seconds": medians, "ratio_to_dense": {k: medians["dense"] / v for k, v in medians.items()}}
+                    row = make_row(name, batch, t, measure(shape, batch, t, rounds, budget_s))
                     results["results"].append(row)
                     log(format_row(row))
     finally:
         torch.set_num_threads(initial_threads)
     return results
+
+
+def make_row(shape: str, batch: int, threads: int, stats: dict[str, dict]) -> dict:
+    """One JSON result: ``seconds`` (medians), ``spread`` ({method: {p10, p90, rounds}}), ratios of medians."""
+    medians = {k: v["median"] for k, v in stats.items()}
+    return {"shape": shape, "batch": batch, "threads": threads, "seconds": medians,
+            "spread": {k: {"p10": v["p10"], "p90": v["p90"], "rounds": v["rounds"]} for k, v in stats.items()},
+            "ratio_to_dense": {k: medians["dense"] / v for k, v in medians.items()}}
 
 
 def machine_info(cpu_kernel) -> dict:
@@ -222,9 +240,13 @@ def machine_info(cpu_kernel) -> dict:
             "kernel_failure": cpu_kernel.failure(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
+CELL = 29
+
+
 def header() -> str:
-    """Column titles; each cell is 'time per call  ratio to dense' (+ goal met, ! goal missed)."""
-    cols = "".join(f"{m:>22}" for m in METHODS)
+    """Column titles; each cell is 'time per call +-spread  ratio to dense' (+ goal met, ! goal missed);
+    the spread is half the p10-p90 range of the rounds, in percent of the median."""
+    cols = "".join(f"{m:>{CELL}}" for m in METHODS)
     return f"{'shape':<6}{'batch':>6}{'thr':>4}{cols}"
 
 
@@ -232,13 +254,16 @@ def format_row(row: dict) -> str:
     cells = []
     for m in METHODS:
         if m not in row["seconds"]:
-            cells.append(f"{'-':>22}")
+            cells.append(f"{'-':>{CELL}}")
             continue
         s, ratio = row["seconds"][m], row["ratio_to_dense"][m]
         goal = GOALS.get((row["shape"], row["batch"])) if m == "fffcompile" and row["threads"] == 1 else None
         mark = "" if goal is None else ("+" if ratio >= goal else "!")
-        cells.append(f"{_fmt_time(s):>10} {ratio:>8.1f}x{mark:1}")
-    return f"{row['shape']:<6}{row['batch']:>6}{row['threads']:>4}" + "".join(f"{c:>22}" for c in cells)
+        spread_pct = ""
+        if "spread" in row and m in row["spread"] and s > 0:
+            spread_pct = f"+-{50 * (row['spread'][m]['p90'] - row['spread'][m]['p10']) / s:.0f}%"
+        cells.append(f"{_fmt_time(s):>10}{spread_pct:>7} {ratio:>8.1f}x{mark:1}")
+    return f"{row['shape']:<6}{row['batch']:>6}{row['threads']:>4}" + "".join(f"{c:>{CELL}}" for c in cells)
 
 
 def _fmt_time(s: float) -> str:

@@ -3,7 +3,8 @@
 Every instruction-set path the CPU has (scalar always, AVX2 / AVX-512 where present) is run
 against ``reference.hard`` on random specs of both forms, every activation, both tie rules and
 every dtype; exact ties at z = 0; leading dims, batch 0 and 1; the parallel and leaf-grouped
-paths; the dispatcher really reaching the kernel; the fallbacks (an activation or dtype mix the
+paths; the subtree-blocked path of large batches (its thresholds lowered so that small specs take
+it, and once at its default threshold), with one and two threads giving identical outputs; the dispatcher really reaching the kernel; the fallbacks (an activation or dtype mix the
 kernel refuses, a build that fails) running the reference instead.
 """
 import os
@@ -13,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fffcompile  # noqa: F401  (registers the ops)
 from fffcompile import ops, reference
@@ -366,3 +367,105 @@ def test_fused_module_fast_path_under_autograd_has_the_ops_gradients(ext, form, 
     frozen = FusedFFF(spec).requires_grad_(False)
     y = frozen(x)                                                     # grad mode on, nothing requires grad
     assert y.grad_fn is None and frozen._fast
+
+
+# ------------------------------------------------------------------ subtree-blocked path (large batches)
+
+@pytest.fixture
+def subtree_path(ext):
+    """Every batch of 8 rows or more takes the subtree-blocked path (form B and form A's routing);
+    returns a setter for (rows per bucket, prefetch mode, dynamic thread chunks). Defaults restored after."""
+    before = ext._tune_grouped(8, 8, 4, 1, 1)
+
+    def tune(bucket_rows=4, prefetch=1, dynamic=1):
+        ext._tune_grouped(8, 8, bucket_rows, prefetch, dynamic)
+
+    yield tune
+    ext._tune_grouped(*before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=specs(master=False, max_depth=6), rows=st.integers(8, 160), bucket_rows=st.sampled_from([1, 3, 8, 64]),
+       prefetch=st.integers(0, 2), seed=st.integers(0, 2 ** 31 - 1))
+def test_subtree_path_equals_reference(ext, subtree_path, threads, spec, rows, bucket_rows, prefetch, seed):
+    """Any form, depth, width, tree count, activation, tie rule and dtype (bfloat16 and float16 included)."""
+    subtree_path(bucket_rows, prefetch)
+    x = random_input(spec, (rows,), seed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for isa in isas(ext):
+            assert_equals_reference(run_ext(ext, spec, x, isa), spec, x)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
+def test_subtree_path_is_taken_at_the_default_threshold(ext, form):
+    """Batches above the default thresholds (form B 2048 rows, form A 128), trees > 1, with the defaults."""
+    defaults = ext._tune_grouped(0, 0, 1, 0, 0)
+    ext._tune_grouped(*defaults)
+    assert defaults[0] <= 4096 and defaults[1] <= 4096
+    spec = make_spec(form=form, depth=6, d_in=40, d_out=24, leaf_width=8, trees=3, activation="gelu", seed=30)
+    x = random_input(spec, (max(defaults[0], defaults[1]) + 37,), 31)
+    for isa in isas(ext):
+        assert_equals_reference(run_ext(ext, spec, x, isa), spec, x)
+
+
+@pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
+def test_threads_and_chunking_do_not_change_the_output(ext, subtree_path, form):
+    """Form B: each row's arithmetic is fixed by the path, not by the thread count or the chunk
+    hand-out (bit for bit). Form A's leaf GEMMs take rows four at a time, so where a chunk cuts a
+    leaf's rows changes the rounding: there every variant is checked against the reference."""
+    spec = make_spec(form=form, depth=5, d_in=64, d_out=48, leaf_width=16, trees=2, activation="silu", seed=32)
+    x = random_input(spec, (300,), 33)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for grouped in (True, False):
+            if not grouped:
+                ext._tune_grouped(1 << 40, 1 << 40, 4, 1, 1)
+            for threads, dynamic in [(1, 1), (2, 1), (2, 0)]:
+                if grouped:
+                    subtree_path(8, 1, dynamic)
+                else:
+                    ext._tune_grouped(1 << 40, 1 << 40, 4, 1, dynamic)
+                torch.set_num_threads(threads)
+                outs.append(run_ext(ext, spec, x, ext.isa()))
+    finally:
+        torch.set_num_threads(before)
+    if form == "neuron_tree":
+        for i in (1, 2, 4, 5):
+            assert torch.equal(outs[i], outs[0 if i < 3 else 3])
+    for out in outs:
+        assert_equals_reference(out, spec, x)
+
+
+@pytest.mark.parametrize("negative_zero", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tie", ["ge", "gt"])
+def test_subtree_path_exact_ties_follow_the_tie_rule(ext, subtree_path, tie, dtype, negative_zero):
+    for form in ("leaf_mlp", "neuron_tree"):
+        spec = _tied(form, tie, dtype, negative_zero)
+        x = random_input(spec, (40,), 34)
+        for isa in isas(ext):
+            got = run_ext(ext, spec, x, isa)
+            assert compare(got, reference.hard(spec, x)), form
+        subtree_path(1)
+        assert compare(run_ext(ext, spec, x, ext.isa()), reference.hard(spec, x)), form
+        subtree_path()
+
+
+def test_subtree_path_noncontiguous_input_and_weights(ext, subtree_path):
+    for form in ("leaf_mlp", "neuron_tree"):
+        spec = make_spec(form=form, depth=4, d_in=10, d_out=7, leaf_width=5, trees=2, seed=35)
+        wide = torch.zeros(*spec.node_weight.shape[:-1], 2 * spec.d_in)
+        wide[..., ::2] = spec.node_weight
+        strided = spec.replace(node_weight=wide[..., ::2])
+        assert not strided.node_weight.is_contiguous()
+        x = random_input(spec, (20, 4), 36).transpose(0, 1)
+        assert not x.is_contiguous()
+        for isa in isas(ext):
+            assert_equals_reference(run_ext(ext, strided, x, isa), spec, x)
+        assert_equals_reference(ops.run_tree(strided, x), spec, x)

@@ -4,8 +4,12 @@ The kernel (``csrc/fff_kernels.cpp``, body in ``csrc/fff_body.h``) computes exac
 ``reference.hard``: form A descends n = 2n + 1 + [z_n >= 0] (tie "ge") or [z_n > 0] (tie "gt")
 and runs the leaf's MLP (or linear leaf), form B sums act(a_{p,n}) V_{p,n} over the D + 1
 neurons of each tree's path; float32/float64 in their own type, bfloat16/float16 accumulated in
-float32 and rounded once. One fused pass per row, AVX-512 / AVX2+FMA / scalar chosen at run
-time, rows in parallel above a work threshold, form A's rows grouped by leaf.
+float32 and rounded once. AVX-512 / AVX2+FMA / scalar chosen at run time. Small batches (always
+batch 1) descend one row at a time, four rows interleaved; large batches (form B from 2048 rows,
+form A's routing from 128) run the top levels per row, bucket the rows by subtree and descend each
+subtree level by level, each node's weight rows loaded once for all of its rows. Threads take
+chunks of rows (or buckets) from a shared counter, one thread for a single chunk; form A's rows
+are grouped by leaf so each leaf MLP runs as small GEMMs.
 
 Building: ``torch.utils.cpp_extension.load`` compiles the sources with ninja on the first call
 (never at import) into torch's extension directory under a name keyed by the sources' hash and
@@ -21,11 +25,11 @@ to the reference instead (x's dtype differs from the weights', an activation the
 know, the kernel unavailable); ``prepare`` gives ``FusedFFF`` a handle that skips the dispatcher
 (one C++ call per forward; under autograd FusedFFF wraps it in a Function with the op's backward).
 
-Measured on the development machine (AMD Zen 3, AVX2, one thread, shared and noisy; command
-``fffcompile bench``): UltraFastBERT 1x11 shape about 4 us per token at batch 1 through the
-handle and 2.1-3 us per row at batch >= 128; form A (d 768, depth 8, leaf width 16) about 6-8 us
-at batch 1 and 2.4-3.5 us per row at batch 1024. Both are bound by streaming the tree's rows
-from L3/DRAM, not by arithmetic.
+Measured on the development machine (AMD Zen 3, AVX2, one thread, shared and noisy; commands
+``fffcompile bench`` and ``benchmarks/kernel_micro.py``; details in csrc/fff_kernels.cpp's header):
+UltraFastBERT 1x11 shape about 4-11 us per token at batch 1 through the handle and 3-4.5 us per
+row at batch >= 128; form A (d 768, depth 8, leaf width 16) about 15-20 us at batch 1 and 3.5-6 us
+per row at batch 1024. Both are bound by streaming the tree's rows from L3/DRAM, not by arithmetic.
 """
 from __future__ import annotations
 

@@ -328,3 +328,292 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
     }
   }
 }
+
+// ------------------------------------------------------------------------------- subtree-blocked path
+//
+// For many rows (run_neuron / run_leaf in fff_kernels.cpp): the top `split` levels of a tree run
+// per row as above (their nodes are few and stay in L2), the rows are then bucketed by their node
+// at level `split` (counting sort), and each bucket descends the rest of its subtree level by
+// level: at each level the bucket's rows are kept sorted by current node (a stable split of each
+// node's run into its children's runs, no sort), each node's W row (and form B's V row) is
+// loaded once and used by all of that node's rows, kGroupRows rows per pass while it sits in L1.
+// A subtree's levels are contiguous node ranges visited in increasing order, so its rows stream
+// forward through memory once per bucket instead of once per row, and the bucket's x and y rows
+// stay in L2 across the subtree's levels.
+
+// z[r] = x[r] . w for NR rows sharing one weight row w (loaded once per NR rows).
+template <class V, int NR>
+inline void dots_shared(const typename V::A* const* x, const typename V::S* w, int64_t n, typename V::A* z) {
+  using A = typename V::A;
+  using R = typename V::R;
+  constexpr int W = V::W;
+  constexpr int U = NR >= 4 ? 2 : 4;
+  R acc[NR][U];
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = V::zero();
+  int64_t d = 0;
+  for (; d + U * W <= n; d += U * W)
+    for (int u = 0; u < U; ++u) {
+      const R wv = V::load(w + d + u * W);
+      for (int r = 0; r < NR; ++r) acc[r][u] = V::fma(V::loadA(x[r] + d + u * W), wv, acc[r][u]);
+    }
+  for (; d + W <= n; d += W) {
+    const R wv = V::load(w + d);
+    for (int r = 0; r < NR; ++r) acc[r][0] = V::fma(V::loadA(x[r] + d), wv, acc[r][0]);
+  }
+  for (int r = 0; r < NR; ++r) {
+    R s = acc[r][0];
+    for (int u = 1; u < U; ++u) s = V::add(s, acc[r][u]);
+    A t = V::hsum(s);
+    for (int64_t e = d; e < n; ++e) t += x[r][e] * static_cast<A>(w[e]);
+    z[r] = t;
+  }
+}
+
+// y[r][0:m] += alpha[r] * v[0:m] for NR rows sharing one row v (loaded once per NR rows).
+template <class V, int NR>
+inline void axpy_shared(typename V::A* const* y, const typename V::A* alpha, const typename V::S* v, int64_t m) {
+  using R = typename V::R;
+  constexpr int W = V::W;
+  R s[NR];
+  for (int r = 0; r < NR; ++r) s[r] = V::set1(alpha[r]);
+  int64_t j = 0;
+  for (; j + 2 * W <= m; j += 2 * W) {
+    const R v0 = V::load(v + j), v1 = V::load(v + j + W);
+    for (int r = 0; r < NR; ++r) {
+      V::storeA(y[r] + j, V::fma(s[r], v0, V::loadA(y[r] + j)));
+      V::storeA(y[r] + j + W, V::fma(s[r], v1, V::loadA(y[r] + j + W)));
+    }
+  }
+  for (; j + W <= m; j += W) {
+    const R v0 = V::load(v + j);
+    for (int r = 0; r < NR; ++r) V::storeA(y[r] + j, V::fma(s[r], v0, V::loadA(y[r] + j)));
+  }
+  for (; j < m; ++j)
+    for (int r = 0; r < NR; ++r) y[r][j] += alpha[r] * static_cast<typename V::A>(v[j]);
+}
+
+constexpr int kGroupRows = 4;  // rows per pass over a shared weight row
+
+template <class V>
+inline void dots_shared_n(int nr, const typename V::A* const* x, const typename V::S* w, int64_t n, typename V::A* z) {
+  switch (nr) {
+    case 4: dots_shared<V, 4>(x, w, n, z); break;
+    case 3: dots_shared<V, 3>(x, w, n, z); break;
+    case 2: dots_shared<V, 2>(x, w, n, z); break;
+    default: dots_shared<V, 1>(x, w, n, z); break;
+  }
+}
+
+template <class V>
+inline void axpy_shared_n(int nr, typename V::A* const* y, const typename V::A* alpha, const typename V::S* v, int64_t m) {
+  switch (nr) {
+    case 4: axpy_shared<V, 4>(y, alpha, v, m); break;
+    case 3: axpy_shared<V, 3>(y, alpha, v, m); break;
+    case 2: axpy_shared<V, 2>(y, alpha, v, m); break;
+    default: axpy_shared<V, 1>(y, alpha, v, m); break;
+  }
+}
+
+// y[0:m] += sum_k alpha[k] * v[k][0:m] (gather_sum onto the running y: the later trees' top levels).
+template <class V>
+inline void gather_add(typename V::A* y, const typename V::S* const* v, const typename V::A* alpha, int64_t K, int64_t m) {
+  using R = typename V::R;
+  constexpr int W = V::W;
+  int64_t j = 0;
+  for (; j + 4 * W <= m; j += 4 * W) {
+    R acc[4];
+    for (int u = 0; u < 4; ++u) acc[u] = V::loadA(y + j + u * W);
+    for (int64_t k = 0; k < K; ++k) {
+      const R s = V::set1(alpha[k]);
+      for (int u = 0; u < 4; ++u) acc[u] = V::fma(s, V::load(v[k] + j + u * W), acc[u]);
+    }
+    for (int u = 0; u < 4; ++u) V::storeA(y + j + u * W, acc[u]);
+  }
+  for (; j + W <= m; j += W) {
+    R acc = V::loadA(y + j);
+    for (int64_t k = 0; k < K; ++k) acc = V::fma(V::set1(alpha[k]), V::load(v[k] + j), acc);
+    V::storeA(y + j, acc);
+  }
+  for (; j < m; ++j)
+    for (int64_t k = 0; k < K; ++k) y[j] += alpha[k] * static_cast<typename V::A>(v[k][j]);
+}
+
+// One node's run: order[start : start + count) are the block rows now at node.
+struct NodeRun { int64_t node; int32_t start, count; };
+
+struct RunScratch {
+  std::vector<int32_t> order, scratch;
+  std::vector<NodeRun> runs, next;
+};
+
+// Descend `levels` levels from node `root` for the block rows rows[0:count), level by level.
+// visit(node, rows, nr, a) gets each pass's rows and their pre-activations a = x . W_node + b_node;
+// right[row] is the row's last decision (the spec's tie rule on a). At the end s.order / s.runs
+// hold the rows grouped by their last node.
+template <class V, class Visit>
+inline void descend_runs(const typename V::A* const* xr, const int32_t* rows_in, int32_t count, int64_t root,
+                         int levels, const typename V::S* TW, int64_t sw, const typename V::S* TB, int64_t d, bool tie_ge,
+                         int64_t prefetch_w, const typename V::S* TV, int64_t sv, int64_t prefetch_v, uint8_t* right,
+                         RunScratch& s, Visit visit) {
+  using A = typename V::A;
+  using S = typename V::S;
+  s.order.assign(rows_in, rows_in + count);
+  s.scratch.resize(count);
+  s.runs.clear();
+  s.runs.push_back({root, 0, count});
+  for (int level = 0; level < levels; ++level) {
+    for (size_t g = 0; g < s.runs.size(); ++g) {
+      const NodeRun run = s.runs[g];
+      const S* w = TW + run.node * sw;
+      if (g + 1 < s.runs.size() && g_subtree_prefetch > 0) {  // the next run's rows: addresses known, fetch them early
+        const int64_t ahead = s.runs[g + 1].node;
+        const int64_t bytes = g_subtree_prefetch == 1 ? 256 : prefetch_w * int64_t(sizeof(S));
+        prefetch_bytes(TW + ahead * sw, bytes);
+        if (prefetch_v > 0) prefetch_bytes(TV + ahead * sv, g_subtree_prefetch == 1 ? 256 : prefetch_v * int64_t(sizeof(S)));
+      }
+      const A bias = static_cast<A>(TB[run.node]);
+      for (int32_t i = run.start; i < run.start + run.count; i += kGroupRows) {
+        const int nr = static_cast<int>(std::min<int32_t>(kGroupRows, run.start + run.count - i));
+        const A* xs[kGroupRows];
+        int32_t rows[kGroupRows];
+        A a[kGroupRows];
+        for (int r = 0; r < nr; ++r) { rows[r] = s.order[i + r]; xs[r] = xr[rows[r]]; }
+        dots_shared_n<V>(nr, xs, w, d, a);
+        for (int r = 0; r < nr; ++r) {
+          a[r] += bias;
+          right[rows[r]] = tie_ge ? (a[r] >= A(0)) : (a[r] > A(0));
+        }
+        visit(run.node, rows, nr, a);
+      }
+    }
+    if (level + 1 == levels) break;
+    s.next.clear();
+    for (const NodeRun& run : s.runs) {  // stable split: the left child's rows, then the right child's
+      int32_t out = run.start;
+      for (int32_t i = run.start; i < run.start + run.count; ++i)
+        if (!right[s.order[i]]) s.scratch[out++] = s.order[i];
+      const int32_t left = out - run.start;
+      for (int32_t i = run.start; i < run.start + run.count; ++i)
+        if (right[s.order[i]]) s.scratch[out++] = s.order[i];
+      if (left > 0) s.next.push_back({2 * run.node + 1, run.start, left});
+      if (run.count - left > 0) s.next.push_back({2 * run.node + 2, run.start + left, run.count - left});
+    }
+    s.order.swap(s.scratch);
+    s.runs.swap(s.next);
+  }
+}
+
+// Form B, tree c.tree, rows [begin, end): the top c.split levels per row (4 rows interleaved),
+// y = out_bias + their terms (tree 0) or y += their terms (later trees); c.node[row] = the row's
+// node at level c.split.
+template <class S>
+void neuron_top(const NeuronArgs& p, const GroupCtx& c, int64_t begin, int64_t end) {
+  using V = Vec<S>;
+  using A = typename V::A;
+  const int64_t d = p.d_in, m = p.d_out, n = p.nodes, sw = p.w_stride, sv = p.v_stride;
+  const S* TW = static_cast<const S*>(p.node_weight) + c.tree * n * sw;
+  const S* TB = static_cast<const S*>(p.node_bias) + c.tree * n;
+  const S* TV = static_cast<const S*>(p.out_weight) + c.tree * n * sv;
+  const S* OB = static_cast<const S*>(p.out_bias);
+  const int K = c.split;
+  A alpha[4 * 64];
+  const S* vrow[4 * 64];
+  for (int64_t r0 = begin; r0 < end; r0 += 4) {
+    const int nr = static_cast<int>(std::min<int64_t>(4, end - r0));
+    const A* xr[4];
+    const S* wr[4];
+    int64_t node[4] = {0, 0, 0, 0};
+    A z[4];
+    for (int r = 0; r < 4; ++r) xr[r] = static_cast<const A*>(c.xr[r0 + (r < nr ? r : 0)]);
+    for (int level = 0; level < K; ++level) {
+      for (int r = 0; r < 4; ++r) wr[r] = TW + node[r < nr ? r : 0] * sw;
+      dots_rows<V>(nr, xr, wr, d, z);
+      for (int r = 0; r < nr; ++r) {
+        const A a = z[r] + static_cast<A>(TB[node[r]]);
+        const bool right = p.tie_ge ? (a >= A(0)) : (a > A(0));
+        alpha[r * K + level] = activation<A>(p.act, a);
+        vrow[r * K + level] = TV + node[r] * sv;
+        node[r] = 2 * node[r] + 1 + (right ? 1 : 0);
+      }
+    }
+    for (int r = 0; r < nr; ++r) {
+      A* y = static_cast<A*>(c.yr[r0 + r]);
+      if (c.tree == 0) gather_sum<V>(y, OB, vrow + r * K, alpha + r * K, K, m);
+      else gather_add<V>(y, vrow + r * K, alpha + r * K, K, m);
+      c.node[r0 + r] = node[r];
+    }
+  }
+}
+
+// Form B, tree c.tree: the subtree under node `root` (at level c.split) for the block rows
+// rows[0:count), level by level; y[row] += act(a) V[node] at every level.
+template <class S>
+void neuron_subtree(const NeuronArgs& p, const GroupCtx& c, int64_t root, const int32_t* rows, int32_t count) {
+  using V = Vec<S>;
+  using A = typename V::A;
+  const int64_t d = p.d_in, m = p.d_out, n = p.nodes, sw = p.w_stride, sv = p.v_stride;
+  const S* TW = static_cast<const S*>(p.node_weight) + c.tree * n * sw;
+  const S* TB = static_cast<const S*>(p.node_bias) + c.tree * n;
+  const S* TV = static_cast<const S*>(p.out_weight) + c.tree * n * sv;
+  const bool packed = TV == TW + d && sw == d + m;  // [W | V] rows: one prefetch covers both
+  thread_local RunScratch s;
+  thread_local std::vector<uint8_t> right;
+  right.resize(c.rows);
+  const A* const* xr = reinterpret_cast<const A* const*>(c.xr);
+  A* const* yr = reinterpret_cast<A* const*>(c.yr);
+  descend_runs<V>(xr, rows, count, root, p.depth + 1 - c.split, TW, sw, TB, d, p.tie_ge, packed ? d + m : d, TV, sv,
+                  packed ? 0 : m, right.data(), s, [&](int64_t node, const int32_t* rr, int nr, A* a) {
+                    A al[kGroupRows];
+                    A* ys[kGroupRows];
+                    for (int r = 0; r < nr; ++r) { al[r] = activation<A>(p.act, a[r]); ys[r] = yr[rr[r]]; }
+                    axpy_shared_n<V>(nr, ys, al, TV + node * sv, m);
+                  });
+}
+
+// Form A, rows [begin, end): the top c.split levels per row; c.node[row] = node at level c.split.
+template <class S>
+void leaf_top(const LeafArgs& p, const GroupCtx& c, int64_t begin, int64_t end) {
+  using V = Vec<S>;
+  using A = typename V::A;
+  const S* NW = static_cast<const S*>(p.node_weight);
+  const S* NB = static_cast<const S*>(p.node_bias);
+  const int64_t d = p.d_in;
+  for (int64_t r0 = begin; r0 < end; r0 += 4) {
+    const int nr = static_cast<int>(std::min<int64_t>(4, end - r0));
+    const A* xr[4];
+    const S* wr[4];
+    int64_t node[4] = {0, 0, 0, 0};
+    A z[4];
+    for (int r = 0; r < 4; ++r) xr[r] = static_cast<const A*>(c.xr[r0 + (r < nr ? r : 0)]);
+    for (int level = 0; level < c.split; ++level) {
+      for (int r = 0; r < 4; ++r) wr[r] = NW + node[r < nr ? r : 0] * d;
+      dots_rows<V>(nr, xr, wr, d, z);
+      for (int r = 0; r < nr; ++r) {
+        const A zz = z[r] + static_cast<A>(NB[node[r]]);
+        node[r] = 2 * node[r] + 1 + ((p.tie_ge ? (zz >= A(0)) : (zz > A(0))) ? 1 : 0);
+      }
+    }
+    for (int r = 0; r < nr; ++r) c.node[r0 + r] = node[r];
+  }
+}
+
+// Form A: the subtree under `root` (level c.split < depth) for rows[0:count): leaf[row] for each.
+template <class S>
+void leaf_subtree(const LeafArgs& p, const GroupCtx& c, int64_t root, const int32_t* rows, int32_t count, int64_t* leaf) {
+  using V = Vec<S>;
+  using A = typename V::A;
+  const S* NW = static_cast<const S*>(p.node_weight);
+  const S* NB = static_cast<const S*>(p.node_bias);
+  const int64_t d = p.d_in, first_leaf = (int64_t(1) << p.depth) - 1;
+  thread_local RunScratch s;
+  thread_local std::vector<uint8_t> right;
+  right.resize(c.rows);
+  descend_runs<V>(reinterpret_cast<const A* const*>(c.xr), rows, count, root, p.depth - c.split, NW, d, NB, d, p.tie_ge, d,
+                  static_cast<const S*>(nullptr), 0, 0, right.data(), s, [](int64_t, const int32_t*, int, A*) {});
+  for (const NodeRun& run : s.runs)
+    for (int32_t i = run.start; i < run.start + run.count; ++i) {
+      const int32_t row = s.order[i];
+      leaf[row] = 2 * run.node + 1 + (right[row] ? 1 : 0) - first_leaf;
+    }
+}

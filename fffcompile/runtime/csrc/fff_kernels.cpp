@@ -1,23 +1,68 @@
 // CPU kernels of torch.ops.fffcompile.leaf_mlp_tree (form A) and neuron_tree (form B).
 //
-// One fused pass per row: the whole descent and the leaf (or the path neurons' outputs), no
-// intermediate tensors. The body (fff_body.h) is compiled three times, for AVX-512F, AVX2+FMA
-// and baseline x86-64 / any other CPU, each in its own namespace under `#pragma GCC target`;
-// the instruction set is picked once at run time (__builtin_cpu_supports). float32 and float64
-// run in their own type; bfloat16 and float16 are widened to float32 on load (vectorised: shift /
-// F16C), accumulated in float32 and rounded once on store (reference.py's rule). The AVX-512
-// path is compiled wherever the compiler knows the target and runs where the CPU reports
-// avx512f; the development machine (AMD Zen 3) has none, so it has compiled but not yet run.
+// Math (FORMS.md): with a_n = x . W_n + b_n, form A descends n = 2n + 1 + [a_n >= 0] (tie "ge")
+// or [a_n > 0] (tie "gt") D times and runs the reached leaf's MLP; form B sums act(a_{p,n}) V_{p,n}
+// over the D + 1 neurons on each tree's path, plus out_bias. No intermediate tensors. The body
+// (fff_body.h) is compiled three times, for AVX-512F, AVX2+FMA and baseline x86-64 / any other
+// CPU, each in its own namespace under `#pragma GCC target`; the instruction set is picked once at
+// run time (__builtin_cpu_supports). float32 and float64 run in their own type; bfloat16 and
+// float16 are widened to float32 on load (vectorised: shift / F16C), accumulated in float32 and
+// rounded once on store (reference.py's rule). The AVX-512 path is compiled wherever the compiler
+// knows the target and runs where the CPU reports avx512f; the development machine (AMD Zen 3)
+// has none, so it has compiled but not yet run.
 //
-// Parallelism: at::parallel_for over row blocks, one thread below a work threshold. Form A
-// routes every row first (leaf index per row), groups rows by leaf (counting sort) and runs each
-// leaf's MLP over its rows four at a time, so a leaf's weights stream once per four rows.
+// Two paths take the same decisions (the tie rule on the same a_n; only the summation order of
+// the dot products differs, so they agree to rounding, and exactly on ties at a_n = 0):
+//
+// - per row (neuron_rows, leaf_route): the whole descent of one row, four rows interleaved, then
+//   its output in one pass over its path's V rows. Form B below g_group_min_b = 2048 rows, form
+//   A's routing below g_group_min_a = 128 rows (batch 1 always).
+// - subtree-blocked (neuron_top/neuron_subtree, leaf_top/leaf_subtree), from those batch sizes:
+//   the top `split` levels per row as above, `split` chosen so that about g_bucket_rows = 32 rows
+//   reach each node of level `split`; the rows are bucketed by that node (counting sort) and each
+//   bucket descends its subtree level by level, every node's W row (and V row) loaded once for all
+//   of its rows, four rows per pass, the subtree's nodes in increasing address order, the bucket's
+//   x and y rows staying in L2.
+//
+// Form A then groups rows by leaf (counting sort) and runs each leaf's MLP over its rows four at a
+// time, so a leaf's weights stream once per four rows.
+//
+// Threads (parallel_chunks): rows, sorted rows or buckets in chunks of at least ~2^17
+// multiply-accumulates, handed out from a shared counter so that a thread the OS leaves waiting
+// on a shared machine delays one chunk, not half the work; a single chunk (batch 1) never wakes a
+// second thread.
+//
+// Measured on the development machine (AMD EPYC Zen 3, AVX2, 2 cores, 512 KB L2, 32 MB L3),
+// shared with other jobs (load average 4-5 on the 2 cores during these runs: every figure is
+// noisy, +-15% between identical variants). `PYTHONPATH=. python benchmarks/kernel_micro.py --paths
+// --cpu-time --threads 1 --rounds 11` (thread CPU time, median of rounds in a random order per
+// round; "per row" = the subtree path off and static thread chunks, i.e. the kernel before them),
+// us per row, default vs per row:
+//   UltraFastBERT 1x11 shape (d 768, depth 11): b1 7.1 vs 6.6, b128 3.5 vs 3.0 (same code: noise
+//   at one thread), b1024 3.08 vs 3.05 (same code), b4096 2.67 vs 2.95 (subtree path: -10%);
+//   form A (d 768, depth 8, leaf width 16): b1 11.2 vs 11.3, b128 6.4 vs 7.2, b1024 3.60 vs 3.72,
+//   b4096 2.31 vs 2.54 (subtree routing: -3 to -11%).
+// An earlier run (fixed order, load 3.5) agreed: UFB b4096 2.9 vs 3.3, form A b128-1024 9-18%
+// faster, UFB b128-1024 within noise; hence the thresholds (form B 2048 rows, form A 128).
+// A sweep of the knobs (same CPU-time method, UFB shape, load 4.2-4.7; _tune_grouped): b1024 per
+// row 3.57, buckets of 16 / 32 / 64 / 128 rows 3.54 / 3.66 / 3.73 / 4.07; b2048 per row 3.49, 32 rows
+// 3.04; b4096 per row 3.50, 16 / 32 / 64 / 128 rows 2.86 / 2.87 / 3.04 / 4.06 us per row; the
+// prefetch modes 0 / 1 / 2 within noise of each other.
+// Why no more: with d = 768 an x row is as large as a weight row (3 KB), and L2 holds about a
+// hundred rows' x and y next to the weights streaming through, so a node is shared by several
+// of a bucket's rows only in the subtree's first levels; below them each row still pulls its own
+// W and V rows from L3. The kernel stays bound by L3 / memory traffic, not by arithmetic.
+// `fffcompile bench --batches 1 128 1024 4096 --threads 1 2 --no-compile --rounds 5 --budget 3`
+// (same machine, load average 3.9-5.4) measured fffcompile at UFB 56 us / 567 us / 4.1 ms / 15.0
+// ms and form A 16 us / 1.24 ms / 6.0 ms / 18.1 ms at batch 1 / 128 / 1024 / 4096, one thread; two
+// threads could not be shown faster there (the second core was busy with the other jobs).
 
 #include <torch/extension.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -79,6 +124,21 @@ struct NeuronArgs {
 // 2 cores; benchmarks/child_prefetch.py), so it is form B's default.
 static int g_child_mode = 1;
 static int g_child_mode_a = 2;
+// Subtree-blocked path (fff_body.h): used from g_group_min_b rows up for form B and from
+// g_group_min_a rows up for form A's routing, the split level chosen so that a bucket holds about
+// g_bucket_rows rows (measured: see the header); the next run's weight rows are prefetched
+// (g_subtree_prefetch: 0 not, 1 their first 256 bytes, 2 whole).
+static int64_t g_group_min_b = 2048, g_group_min_a = 128, g_bucket_rows = 32;
+static int g_subtree_prefetch = 1;
+// 1: threads take chunks from a shared counter (parallel_chunks); 0: at::parallel_for's static split.
+static int g_dynamic = 1;
+
+// The rows of one call on the subtree-blocked path: x and y rows in the accumulation type
+// (the tensors' own rows for float32/64, converted copies for 16-bit types), each row's node.
+struct GroupCtx {
+  const void* const* xr; void* const* yr; int64_t* node;
+  int64_t tree; int split; int64_t rows;
+};
 
 // Scalar "vector" of one lane: the portable path, and the 16-bit types' path on every ISA.
 template <class Storage>
@@ -229,15 +289,22 @@ struct Kernels {
   void (*route)(const LeafArgs&, int64_t, int64_t, int64_t*);
   void (*apply)(const LeafArgs&, int64_t, const int64_t*, int64_t);
   void (*neuron)(const NeuronArgs&, int64_t, int64_t);
+  void (*leaf_top)(const LeafArgs&, const GroupCtx&, int64_t, int64_t);
+  void (*leaf_subtree)(const LeafArgs&, const GroupCtx&, int64_t, const int32_t*, int32_t, int64_t*);
+  void (*neuron_top)(const NeuronArgs&, const GroupCtx&, int64_t, int64_t);
+  void (*neuron_subtree)(const NeuronArgs&, const GroupCtx&, int64_t, const int32_t*, int32_t);
 };
 
 template <class S>
 Kernels<S> kernels_for(int isa) {
 #if FFF_X86
-  if (isa == ISA_AVX512) return {avx512_isa::leaf_route<S>, avx512_isa::leaf_apply<S>, avx512_isa::neuron_rows<S>};
-  if (isa == ISA_AVX2) return {avx2_isa::leaf_route<S>, avx2_isa::leaf_apply<S>, avx2_isa::neuron_rows<S>};
+  if (isa == ISA_AVX512) return {avx512_isa::leaf_route<S>, avx512_isa::leaf_apply<S>, avx512_isa::neuron_rows<S>, 
+          avx512_isa::leaf_top<S>, avx512_isa::leaf_subtree<S>, avx512_isa::neuron_top<S>, avx512_isa::neuron_subtree<S>};
+  if (isa == ISA_AVX2) return {avx2_isa::leaf_route<S>, avx2_isa::leaf_apply<S>, avx2_isa::neuron_rows<S>, 
+          avx2_isa::leaf_top<S>, avx2_isa::leaf_subtree<S>, avx2_isa::neuron_top<S>, avx2_isa::neuron_subtree<S>};
 #endif
-  return {scalar_isa::leaf_route<S>, scalar_isa::leaf_apply<S>, scalar_isa::neuron_rows<S>};
+  return {scalar_isa::leaf_route<S>, scalar_isa::leaf_apply<S>, scalar_isa::neuron_rows<S>, 
+          scalar_isa::leaf_top<S>, scalar_isa::leaf_subtree<S>, scalar_isa::neuron_top<S>, scalar_isa::neuron_subtree<S>};
 }
 
 // Rows per parallel task so that a task does at least ~kMinTaskMacs multiply-accumulates: below
@@ -246,6 +313,135 @@ constexpr int64_t kMinTaskMacs = 1 << 17;
 
 int64_t grain_for(int64_t macs_per_row) {
   return std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, macs_per_row));
+}
+
+// ------------------------------------------------------------------------ subtree-blocked driver
+
+// The subtree-blocked path numbers a call's rows with int32 (its sort keys): larger calls run per row.
+constexpr int64_t kMaxGroupRows = int64_t(1) << 31;
+
+// The level whose nodes root the buckets: about g_bucket_rows rows per bucket, at most max_split.
+int split_level(int64_t rows, int max_split) {
+  int s = 0;
+  while (s < max_split && (rows >> (s + 1)) >= g_bucket_rows) ++s;
+  return s;
+}
+
+// body(b, e) over [0, n) in chunks of `chunk` elements. One thread when there is a single chunk or
+// one thread is set; otherwise the chunks are handed out one at a time from a shared counter to
+// at most at::get_num_threads() threads, so that a thread the OS leaves waiting (a machine shared
+// with other jobs) delays only its current chunk, not a fixed share of the work, and the calling
+// thread keeps taking chunks meanwhile. g_dynamic = 0: at::parallel_for's static split instead.
+template <class F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& body) {
+  chunk = std::max<int64_t>(1, chunk);
+  const int64_t tasks = (n + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    body(0, n);
+    return;
+  }
+  if (!g_dynamic) {
+    at::parallel_for(0, n, chunk, body);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < tasks;)
+      body(i * chunk, std::min(n, (i + 1) * chunk));
+  });
+}
+
+// Rows per task for per-row work of `macs` multiply-accumulates a row: a multiple of 4 (the row blocks).
+int64_t row_chunk(int64_t macs) { return (std::max<int64_t>(4, grain_for(macs)) + 3) / 4 * 4; }
+
+template <class S>
+struct GroupRows {
+  using A = typename std::conditional<std::is_same<S, double>::value, double, float>::type;
+  static constexpr bool same = std::is_same<S, A>::value;
+  std::vector<A> xbuf, ybuf;
+  std::vector<const void*> xr;
+  std::vector<void*> yr;
+  std::vector<int64_t> node;
+  std::vector<int32_t> order;
+  std::vector<int64_t> start;
+
+  GroupRows(const void* x, void* out, int64_t rows, int64_t d, int64_t m)
+      : xbuf(same ? 0 : rows * d), ybuf(same || !out ? 0 : rows * m), xr(rows), yr(out ? rows : 0), node(rows), order(rows) {
+    const S* X = static_cast<const S*>(x);
+    if constexpr (same) {
+      for (int64_t r = 0; r < rows; ++r) {
+        xr[r] = X + r * d;
+        if (out) yr[r] = static_cast<S*>(out) + r * m;
+      }
+    } else {  // 16-bit rows widened once here (in parallel: 3 M elements at batch 4096, d 768)
+      parallel_chunks(rows, 64, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          A* row = xbuf.data() + r * d;
+          for (int64_t j = 0; j < d; ++j) row[j] = static_cast<A>(X[r * d + j]);
+          xr[r] = row;
+          if (out) yr[r] = ybuf.data() + r * m;
+        }
+      });
+    }
+  }
+
+  // 16-bit types: y rows rounded once into the output.
+  void store(void* out, int64_t m) {
+    if constexpr (!same) {
+      S* Y = static_cast<S*>(out);
+      const int64_t rows = static_cast<int64_t>(node.size());
+      parallel_chunks(rows, 64, [&](int64_t b, int64_t e) {
+        for (int64_t i = b * m; i < e * m; ++i) Y[i] = static_cast<S>(ybuf[i]);
+      });
+    }
+  }
+
+  // Counting sort of the rows by their node at level `split` into order / start.
+  void bucket(int split) {
+    const int64_t first = (int64_t(1) << split) - 1, n = int64_t(1) << split, rows = static_cast<int64_t>(node.size());
+    start.assign(n + 1, 0);
+    for (int64_t r = 0; r < rows; ++r) ++start[node[r] - first + 1];
+    for (int64_t q = 0; q < n; ++q) start[q + 1] += start[q];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t r = 0; r < rows; ++r) order[fill[node[r] - first]++] = static_cast<int32_t>(r);
+  }
+};
+
+template <class S>
+void neuron_subtrees(const NeuronArgs& p, const Kernels<S>& k) {
+  const int64_t rows = p.rows, m = p.d_out;
+  GroupRows<S> g(p.x, p.out, rows, p.d_in, m);
+  const int split = split_level(rows, p.depth);
+  const int64_t first = (int64_t(1) << split) - 1, buckets = int64_t(1) << split;
+  for (int64_t t = 0; t < p.trees; ++t) {
+    const GroupCtx c{g.xr.data(), g.yr.data(), g.node.data(), t, split, rows};
+    parallel_chunks(rows, std::max<int64_t>(32, row_chunk(split * (p.d_in + m))), [&](int64_t b, int64_t e) { k.neuron_top(p, c, b, e); });
+    g.bucket(split);
+    parallel_chunks(buckets, 1, [&](int64_t b, int64_t e) {
+      for (int64_t q = b; q < e; ++q)
+        if (g.start[q + 1] > g.start[q])
+          k.neuron_subtree(p, c, first + q, g.order.data() + g.start[q], static_cast<int32_t>(g.start[q + 1] - g.start[q]));
+    });
+  }
+  g.store(p.out, m);
+}
+
+// Form A's routing on the subtree-blocked path: leaf[row] for every row.
+template <class S>
+void route_subtrees(const LeafArgs& p, const Kernels<S>& k, int64_t* leaf) {
+  const int64_t rows = p.rows;
+  GroupRows<S> g(p.x, nullptr, rows, p.d_in, 0);
+  const int split = split_level(rows, p.depth - 1);
+  const int64_t first = (int64_t(1) << split) - 1, buckets = int64_t(1) << split;
+  const GroupCtx c{g.xr.data(), nullptr, g.node.data(), 0, split, rows};
+  parallel_chunks(rows, std::max<int64_t>(32, row_chunk(split * p.d_in)), [&](int64_t b, int64_t e) { k.leaf_top(p, c, b, e); });
+  g.bucket(split);
+  parallel_chunks(buckets, 1, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q)
+      if (g.start[q + 1] > g.start[q])
+        k.leaf_subtree(p, c, first + q, g.order.data() + g.start[q], static_cast<int32_t>(g.start[q + 1] - g.start[q]), leaf);
+  });
 }
 
 template <class S>
@@ -261,7 +457,10 @@ void run_leaf(const LeafArgs& p, int isa) {
   }
   std::vector<int64_t> leaf(rows);
   const int64_t route_macs = std::max<int64_t>(1, p.depth * p.d_in);
-  at::parallel_for(0, rows, grain_for(route_macs), [&](int64_t b, int64_t e) { k.route(p, b, e, leaf.data() + b); });
+  if (rows >= g_group_min_a && rows < kMaxGroupRows && p.depth >= 1)
+    route_subtrees<S>(p, k, leaf.data());
+  else
+    parallel_chunks(rows, row_chunk(route_macs), [&](int64_t b, int64_t e) { k.route(p, b, e, leaf.data() + b); });
   // Counting sort of rows by leaf.
   std::vector<int64_t> start(n_leaves + 1, 0), order(rows);
   for (int64_t r = 0; r < rows; ++r) ++start[leaf[r] + 1];
@@ -277,8 +476,7 @@ void run_leaf(const LeafArgs& p, int isa) {
     return;
   }
   // Split the sorted rows into equal chunks; a chunk may cut a leaf's group in two.
-  const int64_t grain = std::max<int64_t>(4, grain_for(leaf_macs));
-  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+  parallel_chunks(rows, row_chunk(leaf_macs), [&](int64_t b, int64_t e) {
     int64_t i = b;
     while (i < e) {
       const int64_t j = leaf[order[i]];
@@ -292,8 +490,12 @@ void run_leaf(const LeafArgs& p, int isa) {
 template <class S>
 void run_neuron(const NeuronArgs& p, int isa) {
   const Kernels<S> k = kernels_for<S>(isa);
+  if (p.rows >= g_group_min_b && p.rows < kMaxGroupRows) {
+    neuron_subtrees<S>(p, k);
+    return;
+  }
   const int64_t macs = std::max<int64_t>(1, p.trees * (p.depth + 1) * (p.d_in + p.d_out));
-  at::parallel_for(0, p.rows, std::max<int64_t>(4, grain_for(macs)), [&](int64_t b, int64_t e) { k.neuron(p, b, e); });
+  parallel_chunks(p.rows, row_chunk(macs), [&](int64_t b, int64_t e) { k.neuron(p, b, e); });
 }
 
 void check_float(const at::Tensor& t, at::ScalarType dtype, const char* name) {
@@ -456,5 +658,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &fff::Prepared::call, py::arg("x"));
   m.def("_tune", [](int child_mode, int child_mode_a) { fff::g_child_mode = child_mode; fff::g_child_mode_a = child_mode_a; },
         "set tuning knobs (experiments only)");
+  m.def("_tune_grouped", [](int64_t min_b, int64_t min_a, int64_t bucket_rows, int prefetch, int dynamic) {
+          const auto before = std::make_tuple(fff::g_group_min_b, fff::g_group_min_a, fff::g_bucket_rows, fff::g_subtree_prefetch, fff::g_dynamic);
+          fff::g_group_min_b = min_b; fff::g_group_min_a = min_a; fff::g_bucket_rows = std::max<int64_t>(1, bucket_rows);
+          fff::g_subtree_prefetch = prefetch; fff::g_dynamic = dynamic;
+          return before;
+        }, "subtree-blocked path: rows from which it runs (form B, form A), rows per bucket, prefetch (0-2), dynamic "
+           "thread chunks (0/1); returns the previous values (tests and experiments only)");
   m.def("isa", []() { return std::string(fff::isa_name(fff::g_isa)); }, "instruction set chosen at load");
 }
