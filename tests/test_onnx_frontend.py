@@ -209,6 +209,34 @@ def test_form_c_keeps_the_master_leaf_and_blend(rewritten):
     assert [n.op_type for n in blend] == ["Mul"]          # s(k) * tree(x), then + (1 - s(k)) * master(x)
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_leaf_major_trees_and_their_form_c(rewritten, exporter):
+    """Leaves as one bmm over x expanded to (L, rows, d) (rows in the middle dim): the per-level tree is rewritten
+    whole; around it a master MLP and the blend s(k) stay dense, and the trt target's node carries the plugin
+    attributes. Numbers at other batch sizes: the layer's own hard forward and reference.hard of its spec."""
+    _, optimized, report = rewritten("per_level_bmm", exporter)
+    assert len(fff_nodes(optimized)) == 1 and report.rewritten[0].depth == 3, str(report)
+    original, optimized, report = rewritten("leaf_major_master", exporter, "trt")
+    (node,) = fff_nodes(optimized)
+    assert [r.form for r in report.rewritten] == ["A"] and node.domain == "fffcompile"
+    assert attribute(node, "plugin_namespace") == b"fffcompile" and attribute(node, "plugin_version") == b"1"
+    ops = [n.op_type for n in optimized.graph.node]
+    assert ops.count("LeafMLPTree") == 1 and "Erf" in ops                 # the master MLP stays dense
+    assert [n.op_type for n in optimized.graph.node if node.output[0] in n.input] == ["Mul"]   # s(k) * tree(x)
+    module, _ = F.case("leaf_major_master")
+    tree_spec = F._spec_per_level_bmm(module.tree)
+    assert spec_of_node(optimized, node).same_as(tree_spec, atol=1e-5, rtol=1e-4)
+    rng = np.random.default_rng(1)
+    for rows in (1, 6, 33):
+        x = rng.standard_normal((rows, 9)).astype(np.float32)
+        got = next(iter(run(optimized, {original.graph.input[0].name: x}).values()))
+        xt = torch.from_numpy(x)
+        with torch.no_grad():
+            s = torch.sigmoid(module.k)
+            want = s * reference.hard(tree_spec, xt) + (1 - s) * module.m2(torch.nn.functional.gelu(module.m1(xt)))
+        assert_close(got, want, f"leaf_major_master/{exporter} vs reference.hard blended at {rows} rows")
+
+
 @pytest.mark.parametrize("exporter,opset", [("dynamo", 17), ("legacy", 18), ("legacy", 14)])
 def test_other_opsets(exporter, opset):
     original = load_model(F.exported("ultrafastbert", exporter, opset))
