@@ -44,6 +44,7 @@ from .linear_chains import chain_ends, projected_tensors, static_tensors
 from .mixture_guard import router_sigmoids, soft_routers_mixing
 from .node import fff_node
 from .region import Region, candidate_regions
+from .widen import NARROW, float32_twin, has_narrow_floats
 
 
 @dataclass
@@ -244,6 +245,23 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
     return found, left
 
 
+def find_in_model(model: onnx.ModelProto, index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]:
+    """``find_ffs`` on ``model`` (indexed by ``index``); a model with float16 / bfloat16 tensors is read through its
+    float32 twin (``widen``: same nodes, same names), confirmed to its own dtype's tolerance, and each spec cast
+    back to its input's dtype (exact: the twin's weights are the model's)."""
+    if not has_narrow_floats(model):
+        return find_ffs(index, progress)
+    from .contract import torch_dtype
+    twin = GraphIndex(float32_twin(model))
+    twin.narrow_dtypes = {name: torch_dtype(index.elem_type(name)) for name in index.types
+                          if index.elem_type(name) in NARROW}
+    found, left = find_ffs(twin, progress)
+    for f in found:
+        if f.region.x in twin.narrow_dtypes:
+            f.spec = f.spec.to(twin.narrow_dtypes[f.region.x])
+    return found, left
+
+
 def rewrite(model: onnx.ModelProto, index: GraphIndex, found: list[Found], target: str) -> onnx.ModelProto:
     """``model`` with every found region replaced by its fffcompile node (in place; returned)."""
     graph = model.graph
@@ -298,7 +316,7 @@ def hardening_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str
     working.CopyFrom(model)
     _name_anchors(working)
     index = GraphIndex(working)
-    found, _ = find_ffs(index)
+    found, _ = find_in_model(working, index)
     return (working, {name: f.spec.tie for f in found for name in f.sigmoids},
             [(f.spec, f.region.x) for f in found])
 
@@ -321,7 +339,7 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
     original.CopyFrom(working)
     _log(progress, f"analysing {len(working.graph.node)} nodes")
     index = GraphIndex(working)
-    found, left = find_ffs(index, progress)
+    found, left = find_in_model(working, index, progress)
     report = Report(left=left)
     if not found:
         report.notes.append("no FFF layer was found to rewrite; the model is unchanged")
