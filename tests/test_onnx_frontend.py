@@ -237,6 +237,38 @@ def test_leaf_major_trees_and_their_form_c(rewritten, exporter):
         assert_close(got, want, f"leaf_major_master/{exporter} vs reference.hard blended at {rows} rows")
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@pytest.mark.parametrize("name", ["fff", "fff_master"])
+def test_float16_models(tmp_path, name, exporter):
+    """A half-precision export: read through its float32 twin, the node and its weights stay float16 (the body
+    computes in float32, as reference.hard does); equal to reference.hard of the layer's own spec at other batch
+    sizes to float16 tolerance, and the whole-model check against the original passes."""
+    from fffcompile.compare import default_tolerance
+    module, x = F.case(name)
+    module = module.half()
+    path = F.export(module, x.half(), str(tmp_path / f"{name}.onnx"), exporter)
+    original = load_model(path)
+    optimized, report = optimize_onnx(original, "onnx")            # verify=True: the exactness check ran
+    (node,) = fff_nodes(optimized)
+    weights = {t.name: t for t in optimized.graph.initializer}
+    assert all(weights[i].data_type == onnx.TensorProto.FLOAT16 for i in node.input[1:])
+    spec = spec_of_node(optimized, node)
+    if name == "fff":
+        assert spec.dtype == torch.float16 and spec.same_as(F._spec_fff(module), atol=0, rtol=0)
+    atol, rtol = default_tolerance(torch.float16)
+    rng = np.random.default_rng(2)
+    for rows in (1, 9):
+        xs = rng.standard_normal((rows, x.shape[-1])).astype(np.float16)
+        got = next(iter(run(optimized, {original.graph.input[0].name: xs}).values()))
+        want = reference.hard(spec, torch.from_numpy(xs))
+        if name == "fff_master":               # the master MLP and the blend are the original's float16 ops
+            want = next(iter(run(harden_sigmoids(*hardening_of(original)[:2]), {original.graph.input[0].name: xs}).values()))
+        want = torch.as_tensor(np.asarray(want, np.float32))
+        result = compare(torch.from_numpy(got.astype(np.float32)), want, atol=atol * max(1.0, float(want.abs().max())),
+                         rtol=rtol, exclude=reference.near_ties(spec, torch.from_numpy(xs)))
+        assert result.passed, f"{name}/{exporter} float16 at {rows} rows: {result.summary()}"
+
+
 @pytest.mark.parametrize("exporter,opset", [("dynamo", 17), ("legacy", 18), ("legacy", 14)])
 def test_other_opsets(exporter, opset):
     original = load_model(F.exported("ultrafastbert", exporter, opset))
