@@ -206,6 +206,16 @@ class LeafMajorMaster(nn.Module):
         return s * self.tree(x) + (1 - s) * self.m2(torch.nn.functional.gelu(self.m1(x)))
 
 
+def _gallery(style: str, **spec_args) -> nn.Module:
+    """A ``graph_gallery`` style built from a ``make_spec`` spec; the spec rides along as ``true_spec``."""
+    import graph_gallery
+    from specs import make_spec
+    spec = make_spec(**spec_args)
+    module = getattr(graph_gallery, style)(spec)
+    module.true_spec = spec
+    return module
+
+
 class ScatterMaskTrees(nn.Module):
     """UltraFastBERT-style neuron trees, P of them: decisions on the logits viewed as (B, P, n), each tree's path
     marked by ``scatter_`` into a zero (B, P, n) mask, y = (gelu(a) * mask) W_out (no bias)."""
@@ -357,6 +367,8 @@ CASES: dict[str, Case] = {
     "per_level_bmm": Case(lambda: PerLevelBmmTree(8), (4, 8), 1, all_or_nothing=True),
     "leaf_major_bmm": Case(lambda: PerLevelBmmTree(10, depth=4, width=3), (4, 10), 1, _spec_per_level_bmm),
     "leaf_major_master": Case(lambda: LeafMajorMaster(9), (4, 9), 1),
+    "log_sigmoid_leaf_major": Case(lambda: _gallery("LogSigmoid", depth=3, d_in=8, d_out=5, seed=3), (4, 8), 1,
+                                   lambda m: m.true_spec),
     # look-alikes: nothing to rewrite
     "shared_producer": Case(lambda: SharedProducer(7, 4, 3), (4, 7), 0),
     "softmax_moe": Case(lambda: SoftTreeMixture(8, kind="softmax_moe"), (4, 8), 0),

@@ -60,7 +60,8 @@ def spec_of_node(model: onnx.ModelProto, node: onnx.NodeProto) -> FFFSpec:
 def hard_reference(name: str, x: torch.Tensor):
     """The layer's hard output computed without ONNX: its own eval forward, or reference.hard of its true spec."""
     module, _ = F.case(name)
-    if name in ("unrolled", "linear_leaves", "fastfeedforward", "hard_tree"):   # (the package's eval forward omits b2s)
+    if name in ("unrolled", "linear_leaves", "fastfeedforward", "hard_tree") or hasattr(module, "true_spec"):
+        # (the package's eval forward omits b2s; a gallery style has no hard forward of its own)
         return reference.hard(F.CASES[name].true_spec(module), x)
     if name == "soft_tree":
         return None
@@ -238,7 +239,7 @@ def test_leaf_major_trees_and_their_form_c(rewritten, exporter):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
-@pytest.mark.parametrize("name", ["fff", "fff_master"])
+@pytest.mark.parametrize("name", ["fff", "fff_master", "neuron_tree"])
 def test_float16_models(tmp_path, name, exporter):
     """A half-precision export: read through its float32 twin, the node and its weights stay float16 (the body
     computes in float32, as reference.hard does); equal to reference.hard of the layer's own spec at other batch
@@ -253,8 +254,8 @@ def test_float16_models(tmp_path, name, exporter):
     weights = {t.name: t for t in optimized.graph.initializer}
     assert all(weights[i].data_type == onnx.TensorProto.FLOAT16 for i in node.input[1:])
     spec = spec_of_node(optimized, node)
-    if name == "fff":
-        assert spec.dtype == torch.float16 and spec.same_as(F._spec_fff(module), atol=0, rtol=0)
+    if F.CASES[name].true_spec:
+        assert spec.dtype == torch.float16 and spec.same_as(F.CASES[name].true_spec(module), atol=0, rtol=0)
     atol, rtol = default_tolerance(torch.float16)
     rng = np.random.default_rng(2)
     for rows in (1, 9):

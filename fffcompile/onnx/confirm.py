@@ -27,9 +27,10 @@ from .probes import probe_shapes, x_layout
 from .region import Region
 
 
-def confirm(index: GraphIndex, region: Region, spec: FFFSpec, sigmoids: list[str] = (), seed: int = 0,
+def confirm(index: GraphIndex, region: Region, spec: FFFSpec, sigmoids=(), seed: int = 0,
             scale: float = 1.0) -> tuple[Optional[Comparison], str]:
-    """(the worst comparison, "") when the numbers hold, else (comparison or None, the reason)."""
+    """(the worst comparison, "") when the numbers hold, else (comparison or None, the reason); ``sigmoids``: names
+    hardened with the spec's tie, or {name: tie}."""
     rank, d_in = x_layout(index.shape(region.x))
     model = index.submodel(region.nodes, region.inputs, [region.y])
     if sigmoids:

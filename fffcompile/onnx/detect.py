@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from .contract import is_fff_node
+from .contract import FLOAT_TYPES, is_fff_node
 from .graph_index import GraphIndex
 from .linear_chains import static_tensors, trace_source
 
@@ -55,12 +55,13 @@ def _is_zero(index: GraphIndex, name: str) -> bool:
 
 
 def _read_elsewhere(index: GraphIndex, a: str) -> bool:
-    """Whether logit ``a`` (or the tensor it is a reshaped view of: trees viewed as (B, P, n)) has other readers."""
+    """Whether logit ``a`` (or the tensor it is a reshaped view or a cast of: trees viewed as (B, P, n), a float16
+    layer deciding in float32) has other readers."""
     for _ in range(4):
         if len(index.consumers.get(a, ())) >= 2:
             return True
         node = index.producer_node(a)
-        if node is None or node.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"):
+        if node is None or node.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"):
             return False
         a = node.input[0]
     return False
@@ -125,6 +126,10 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
                 continue
             if not _read_elsewhere(index, a):
                 continue          # a decision on a logit nothing else reads is no neuron tree
+            cast = index.producer_node(a)
+            if cast is not None and cast.op_type == "Cast" and any(
+                    at.name == "to" and at.i in FLOAT_TYPES for at in cast.attribute):
+                a = cast.input[0]  # a 16-bit layer deciding in float32
             x = trace_source(index, a, static)
             if x is not None:
                 candidates.append(Candidate("B", x, [i], tie=tie))

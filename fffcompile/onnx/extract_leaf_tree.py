@@ -113,7 +113,8 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
     for a in ends:
         a_cols = columns(values[a], rows, axes.get(a))
         W, b = read_affine(a_cols, probes, "a leaf pre-activation")
-        act, h = match_activation(values[a], {v: values[v] for v in closures[a]})
+        act, h = match_activation(values[a], {v: values[v] for v in closures[a]},
+                                  getattr(index, "narrow_dtypes", {}).get(region.x, torch.float32))
         acts.add(act)
         h_names.append(h or a)
         w1_parts.append(W)

@@ -54,6 +54,12 @@ class Found:
     spec: FFFSpec
     comparison: object
     sigmoids: list[str]         # names of the router sigmoids (hardened to verify); [] for form B
+    complements: tuple[str, ...] = ()   # sigmoids of -z for a router logit z (log-sigmoid pairs): 1 - p when hard
+
+    def ties(self) -> dict[str, str]:
+        """{sigmoid name: tie rule} that hardens this FFF: [z >= 0] for a router, [-z > 0] = 1 - [z >= 0] for a complement."""
+        flipped = {"ge": "gt", "gt": "ge"}[self.spec.tie]
+        return {**{n: self.spec.tie for n in self.sigmoids}, **{n: flipped for n in self.complements}}
 
 
 def _log(progress: Optional[Callable[[str], None]], message: str) -> None:
@@ -96,15 +102,34 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
         for spec in specs:
             # the largest layout-only extension first (restoring the input's leading dims): one check, not two
             for target in _layout_extensions(index, region, candidate.form)[::-1] + [region]:
-                comparison, why = confirm(index, target, spec, sigmoids)
+                found = Found(candidate, target, spec, None, sigmoids, complements(index, target, candidate))
+                comparison, why = confirm(index, target, spec, found.ties())
                 if not why:
-                    return Found(candidate, target, spec, comparison, sigmoids), []
+                    found.comparison = comparison
+                    return found, []
             reasons.append(why)
     except (NotExtracted, InvalidModelError) as error:
         reasons.append(f"at {region.y!r}: {error}")
     except Exception as error:  # a probe that does not run: not this region
         reasons.append(f"at {region.y!r}: probing failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
     return None, reasons
+
+
+def complements(index: GraphIndex, region: Region, candidate: Candidate) -> tuple[str, ...]:
+    """Sigmoid nodes of the region computing s(-z) = 1 - s(z) for a router logit z of the candidate (``Neg(z)``):
+    a log-space mixture's log s(-z) next to log s(z). Hardened with the other tie rule, they are 1 - [z >= 0]."""
+    if candidate.form != "A":
+        return ()
+    logits = {index.nodes[i].input[0] for i in candidate.anchors}
+    out = []
+    for i in sorted(region.nodes):
+        node = index.nodes[i]
+        if node.op_type != "Sigmoid" or i in candidate.anchors:
+            continue
+        neg = index.producer_node(node.input[0])
+        if neg is not None and neg.op_type == "Neg" and neg.input[0] in logits:
+            out.append(node.name)
+    return tuple(out)
 
 
 # What may follow a confirmed FFF inside a larger confirmed one: layout (restoring the input's leading
@@ -317,7 +342,7 @@ def hardening_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str
     _name_anchors(working)
     index = GraphIndex(working)
     found, _ = find_in_model(working, index)
-    return (working, {name: f.spec.tie for f in found for name in f.sigmoids},
+    return (working, {name: tie for f in found for name, tie in f.ties().items()},
             [(f.spec, f.region.x) for f in found])
 
 
@@ -369,7 +394,7 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
     if verify:
         _log(progress, "verifying the rewritten model in ONNX Runtime")
         from .verify import verify_models
-        ties = {name: f.spec.tie for f in found for name in f.sigmoids}
+        ties = {name: tie for f in found for name, tie in f.ties().items()}
         checks = [(f.spec, f.region.x) for f in found]
         try:
             result = verify_models(original, optimized, sigmoids=ties, inputs=inputs, tie_checks=checks, atol=atol,
