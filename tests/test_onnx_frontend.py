@@ -246,7 +246,7 @@ def test_float16_models(tmp_path, name, exporter):
     sizes to float16 tolerance, and the whole-model check against the original passes."""
     from fffcompile.compare import default_tolerance
     module, x = F.case(name)
-    module = module.half()
+    module = copy.deepcopy(module).half()                          # F.case is cached: never change its module
     path = F.export(module, x.half(), str(tmp_path / f"{name}.onnx"), exporter)
     original = load_model(path)
     optimized, report = optimize_onnx(original, "onnx")            # verify=True: the exactness check ran
