@@ -313,3 +313,27 @@ def test_property_extract_equals_spec(tmp_path_factory, depth, d_in, width, d_ou
     optimized, report = optimize_onnx(load_model(path), "onnx")
     (node,) = fff_nodes(optimized)
     assert spec_of_node(optimized, node).same_as(F._spec_fff(module), atol=1e-5, rtol=1e-4)
+
+
+@seed(20261124)
+@settings(max_examples=25, deadline=None)
+@given(lead=st.integers(1, 9), rows=st.integers(1, 12), width=st.integers(1, 5), rows_axis=st.integers(0, 2))
+def test_probe_rows_in_any_axis_round_trip(lead, rows, width, rows_axis):
+    """``row_axes`` finds the rows of a value laid out with them in any axis (a leaf-major (L, R, k) value among
+    them) from R and R + 1 rows; ``rows_as`` lays (R, L k) rows out that way and ``columns`` reads them back."""
+    from fffcompile.onnx.probes import columns, row_axes, rows_as
+    rng = np.random.default_rng(lead * 100 + rows * 10 + width)
+
+    def layout(r):
+        dims = [lead, width]
+        dims.insert(rows_axis, r)
+        return tuple(dims)
+    values = rng.standard_normal((rows, lead * width))
+    small = rows_as(values, layout(rows), rows, rows_axis)
+    assert small.shape == layout(rows)
+    axes = row_axes({"v": small}, {"v": np.zeros(layout(rows + 1))})
+    if all(d == 1 for d in layout(rows)[:rows_axis]):
+        assert "v" not in axes                       # only 1s before the rows: the default reading applies
+    else:
+        assert axes["v"] == rows_axis
+    assert np.array_equal(columns(small, rows, axes.get("v")), values)
