@@ -98,6 +98,41 @@ def scaled_routers(index: GraphIndex) -> list[tuple[int, str]]:
     return out
 
 
+def row_gather_descents(index: GraphIndex, taken: set[int]) -> dict[str, list[int]]:
+    """{table: comparisons} for comparisons with 0 (not in ``taken``) of a value computed from a data-dependent
+    Gather of rows of a constant table of 2^D - 1 rows: a hard descent that gathers each node's weight row before
+    its dot product (an eval-mode export, ``W[node]``). Of no layout the extractors read: reported, not rewritten."""
+    static = static_tensors(index)
+    out: dict[str, list[int]] = {}
+    for i, node in enumerate(index.nodes):
+        if i in taken or node.op_type not in COMPARISONS or is_fff_node(node):
+            continue
+        _, data_position = COMPARISONS[node.op_type]
+        a, zero = (node.input[0], node.input[1]) if data_position == 1 else (node.input[1], node.input[0])
+        if a in static or not _is_zero(index, zero):
+            continue
+        frontier, seen = [a], set()
+        while frontier and len(seen) < 64:
+            t = frontier.pop()
+            if t in seen or t in static:
+                continue
+            seen.add(t)
+            producer = index.producer_node(t)
+            if producer is None:
+                continue
+            if producer.op_type in ("Gather", "GatherND") and producer.input[0] in static \
+                    and any(n not in static for n in producer.input[1:]):
+                table = index.constant_value(producer.input[0]) if producer.input[0] in index.initializers else None
+                rows = None if table is None or table.ndim != 2 else table.shape[0]
+                if rows is not None and rows >= 1 and (rows + 1) & rows == 0:
+                    out.setdefault(producer.input[0], []).append(i)
+                    break
+            if producer.op_type in ("Add", "Sub", "Mul", "ReduceSum", "MatMul", "Squeeze", "Unsqueeze", "Reshape",
+                                    "Cast", "Einsum"):
+                frontier.extend(n for n in producer.input if n)
+    return out
+
+
 def find_candidates(index: GraphIndex) -> list[Candidate]:
     static = static_tensors(index)
     sigmoid_groups: dict[str, list[int]] = {}

@@ -35,7 +35,7 @@ from ..spec import FFFSpec
 from .attach import insert_fff_nodes, raise_opset
 from .confirm import confirm
 from .contract import check_target
-from .detect import Candidate, find_candidates, scaled_routers, split_by_outputs
+from .detect import Candidate, find_candidates, row_gather_descents, scaled_routers, split_by_outputs
 from .extract_leaf_tree import NotExtracted, extract_leaf_tree
 from .extract_hard_leaf_tree import extract_hard_leaf_tree
 from .extract_neuron_tree import extract_neuron_tree
@@ -262,6 +262,13 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
             _log(progress, f"found {result.spec.describe()} at {where}")
             found.append(result)
             taken |= result.region.x_nodes
+    anchored = {i for c in find_candidates(index) for i in c.anchors}
+    for table, comparisons in row_gather_descents(index, anchored).items():
+        node = index.nodes[comparisons[0]]
+        left.append(Left(f"hard descent at {node.op_type} {node.name or node.output[0]!r}",
+                         f"the node weight rows ({table!r}) are gathered per row before the dot product (an eval-mode "
+                         f"export): not a hard-descent layout fffcompile reads (its training graph, exported in train mode, is)",
+                         frontend="onnx"))
     for i, x in scaled_routers(index):
         node = index.nodes[i]
         left.append(Left(f"FFF on {x!r} (anchor Sigmoid {node.name or node.output[0]!r})",
