@@ -16,7 +16,10 @@
    sigmoids hardened (exactness) and against the soft original (fidelity), in ONNX Runtime on
    generated inputs or the user's; a failure raises ``VerificationError``.
 
-Every candidate not rewritten is reported with its reason (``Report.left``).
+Every candidate not rewritten is reported with its reason (``Report.left``), and so is a hard descent
+that gathers node weight rows before its dot product (``detect.row_gather_descents``). A float16 /
+bfloat16 model is read through its float32 twin (``widen``, ``find_in_model``). A router's s(-z)
+next to s(z) (log-sigmoid pairs of a log-space mixture) is hardened as 1 - [z >= 0] (``complements``).
 """
 from __future__ import annotations
 
@@ -233,7 +236,8 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
     (``detect.split_by_outputs``: two trees routing one input); when a part is confirmed, every part
     is reported on its own, otherwise the candidate as a whole."""
     found, left, taken = [], [], set()
-    for candidate in find_candidates(index):
+    candidates = find_candidates(index)
+    for candidate in candidates:
         where = candidate.where(index)
         if any(a in taken for a in candidate.anchors):
             continue
@@ -262,7 +266,7 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
             _log(progress, f"found {result.spec.describe()} at {where}")
             found.append(result)
             taken |= result.region.x_nodes
-    anchored = {i for c in find_candidates(index) for i in c.anchors}
+    anchored = {i for c in candidates for i in c.anchors}
     for table, comparisons in row_gather_descents(index, anchored).items():
         node = index.nodes[comparisons[0]]
         left.append(Left(f"hard descent at {node.op_type} {node.name or node.output[0]!r}",
