@@ -260,13 +260,6 @@ def _neuron_tree(body: _Body, config: NodeConfig, xa: str) -> tuple[str, str]:
     _, paths = block_paths(levels)                                                    # the block's rows of the output:
     on_path = np.zeros((block + 1, block))                                            # one masked Gemm, bias as C
     on_path[np.arange(block + 1)[:, None], paths] = 1.0
-    a_top = body.op("Mul", _activation(body, logits, config.activation), body.op("Gather", body.real(on_path), leaf))
-    a_top = body.op("Reshape", a_top, body.const([-1, trees * block]))                 # (R, P M)
-    if trees > 1:
-        top_rows = body.op("Gather", out_weight, body.const((offsets[:, None] + np.arange(block)).reshape(-1)))
-    else:
-        top_rows = body.op("Slice", out_weight, body.const([0]), body.const([block]), body.const([0]))
-    y_top = body.op("Gemm", a_top, top_rows, out_bias)                                 # (R, d_out)
     exits = body.const(np.arange(block + 1)[:, None] + block)                         # heap node of level K per block leaf
     node = body.op("Gather", exits, leaf)                                             # (R, P, 1)
     if trees > 1:                                                                     # tree p's rows start at p n
@@ -281,7 +274,16 @@ def _neuron_tree(body: _Body, config: NodeConfig, xa: str) -> tuple[str, str]:
             node = body.op("Add", node, body.op("Where", _goes_right(body, z, config.tie),
                                                 body.const(2 ** (level + 1)), body.const(2 ** level)))
     visits = trees * len(zs)
-    a = _activation(body, zs[0] if len(zs) == 1 else body.op("Concat", *zs, axis=2), config.activation)
+    a = _activation(body, body.op("Concat", logits, *zs, axis=2), config.activation)   # one activation for all
+    a_top = body.op("Slice", a, body.const([0]), body.const([block]), body.const([2]))
+    a_top = body.op("Mul", a_top, body.op("Gather", body.real(on_path), leaf))
+    a_top = body.op("Reshape", a_top, body.const([-1, trees * block]))                 # (R, P M)
+    if trees > 1:
+        top_rows = body.op("Gather", out_weight, body.const((offsets[:, None] + np.arange(block)).reshape(-1)))
+    else:
+        top_rows = body.op("Slice", out_weight, body.const([0]), body.const([block]), body.const([0]))
+    y_top = body.op("Gemm", a_top, top_rows, out_bias)                                 # (R, d_out)
+    a = body.op("Slice", a, body.const([block]), body.const([block + len(zs)]), body.const([2]))
     a = body.op("Reshape", a, body.const([-1, 1, visits]))                            # (R, 1, P (D + 1 - K))
     index = body.op("Reshape", nodes[0] if len(nodes) == 1 else body.op("Concat", *nodes, axis=2),
                     body.const([-1, visits]))
