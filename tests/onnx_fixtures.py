@@ -230,6 +230,39 @@ class PerLevelBmmTree(nn.Module):
         return (mix.unsqueeze(-1) * self._leaves(x)).sum(1)
 
 
+def _spec_per_level_bmm(m: PerLevelBmmTree) -> FFFSpec:
+    return FFFSpec(form="leaf_mlp", depth=m.depth, activation="relu", node_weight=m.nw.detach(), node_bias=m.nb.detach(),
+                   leaf_w1=m.w1.detach(), leaf_b1=m.b1.detach()[:, 0], leaf_w2=m.w2.detach(), leaf_b2=m.b2.detach()[:, 0],
+                   tie="ge")
+
+
+class LeafMajorMaster(nn.Module):
+    """Form C around a leaf-major tree: y = s(k) tree(x) + (1 - s(k)) master(x), the master a dense GELU MLP of
+    width 8 and k a learned scalar; in eval mode the tree descends (its own hard forward), the master and the
+    blend stay dense."""
+
+    def __init__(self, d, depth=3, width=4, master=8):
+        super().__init__()
+        self.depth = depth
+        self.tree = PerLevelBmmTree(d, depth, width)
+        self.m1, self.m2 = nn.Linear(d, master), nn.Linear(master, d)
+        self.k = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        s = torch.sigmoid(self.k)
+        return s * self.tree(x) + (1 - s) * self.m2(torch.nn.functional.gelu(self.m1(x)))
+
+
+def _gallery(style: str, **spec_args) -> nn.Module:
+    """A ``graph_gallery`` style built from a ``make_spec`` spec; the spec rides along as ``true_spec``."""
+    import graph_gallery
+    from specs import make_spec
+    spec = make_spec(**spec_args)
+    module = getattr(graph_gallery, style)(spec)
+    module.true_spec = spec
+    return module
+
+
 class ScatterMaskTrees(nn.Module):
     """UltraFastBERT-style neuron trees, P of them: decisions on the logits viewed as (B, P, n), each tree's path
     marked by ``scatter_`` into a zero (B, P, n) mask, y = (gelu(a) * mask) W_out (no bias)."""
@@ -387,6 +420,10 @@ CASES: dict[str, Case] = {
     "two_outputs_one_input": Case(lambda: TwoOutputsOneInput(6), (4, 6), 2, exporters=("dynamo",)),
     "scatter_trees": Case(lambda: ScatterMaskTrees(10, 6), (4, 10), 1, _spec_scatter_trees),
     "per_level_bmm": Case(lambda: PerLevelBmmTree(8), (4, 8), 1, all_or_nothing=True),
+    "leaf_major_bmm": Case(lambda: PerLevelBmmTree(10, depth=4, width=3), (4, 10), 1, _spec_per_level_bmm),
+    "leaf_major_master": Case(lambda: LeafMajorMaster(9), (4, 9), 1),
+    "log_sigmoid_leaf_major": Case(lambda: _gallery("LogSigmoid", depth=3, d_in=8, d_out=5, seed=3), (4, 8), 1,
+                                   lambda m: m.true_spec),
     # look-alikes: nothing to rewrite
     "shared_producer": Case(lambda: SharedProducer(7, 4, 3), (4, 7), 0),
     "softmax_moe": Case(lambda: SoftTreeMixture(8, kind="softmax_moe"), (4, 8), 0),

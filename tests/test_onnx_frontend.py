@@ -60,7 +60,8 @@ def spec_of_node(model: onnx.ModelProto, node: onnx.NodeProto) -> FFFSpec:
 def hard_reference(name: str, x: torch.Tensor):
     """The layer's hard output computed without ONNX: its own eval forward, or reference.hard of its true spec."""
     module, _ = F.case(name)
-    if name in ("unrolled", "linear_leaves", "fastfeedforward", "hard_tree"):   # (the package's eval forward omits b2s)
+    if name in ("unrolled", "linear_leaves", "fastfeedforward", "hard_tree") or hasattr(module, "true_spec"):
+        # (the package's eval forward omits b2s; a gallery style has no hard forward of its own)
         return reference.hard(F.CASES[name].true_spec(module), x)
     if name == "soft_tree":
         return None
@@ -188,6 +189,38 @@ def test_look_alike_refusals_have_reasons(name):
         assert any("log-space" in entry.reason for entry in report.left), str(report)
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_bfloat16_model_rewritten_exactly(tmp_path, exporter):
+    """A bfloat16 export read through its float32 twin: one node with bfloat16 weights, equal to reference.hard of
+    the layer's spec at other batch sizes. (verify=False: the whole-model check cannot feed bfloat16 yet.)"""
+    module, x = F.case("fff")
+    module = copy.deepcopy(module).to(torch.bfloat16)
+    path = F.export(module, x.to(torch.bfloat16), str(tmp_path / "bf16.onnx"), exporter)
+    original = load_model(path)
+    optimized, report = optimize_onnx(original, "onnx", verify=False)
+    (node,) = fff_nodes(optimized)
+    spec = F._spec_fff(module)
+    for rows in (1, 7):
+        xs = np.random.default_rng(rows).standard_normal((rows, 12)).astype(np.float32)
+        got = np.asarray(next(iter(run(optimized, {original.graph.input[0].name: xs}).values())), np.float32)
+        want = reference.hard(spec, torch.from_numpy(xs).to(torch.bfloat16)).float()
+        result = compare(torch.from_numpy(got), want, atol=2e-2 * max(1.0, float(want.abs().max())), rtol=2e-2,
+                         exclude=reference.near_ties(spec, torch.from_numpy(xs).to(torch.bfloat16)))
+        assert result.passed, f"bfloat16/{exporter} at {rows} rows: {result.summary()}"
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_eval_mode_row_gather_descent_is_reported(tmp_path, exporter):
+    """The per-level tree exported in eval mode: its hard descent gathers each node's weight row, then a row-wise
+    dot. Not read: the model is unchanged, and the report says why (no silent miss)."""
+    module, x = F.case("per_level_bmm")
+    path = F.export(copy.deepcopy(module).eval(), x, str(tmp_path / "eval.onnx"), exporter)
+    original = load_model(path)
+    optimized, report = optimize_onnx(original, "onnx")
+    assert not fff_nodes(optimized) and optimized.SerializeToString() == original.SerializeToString()
+    assert any("gathered per row before the dot product" in entry.reason for entry in report.left), str(report)
+
+
 def test_trt_target_nodes_carry_plugin_attributes(rewritten):
     _, optimized, _ = rewritten("stack", "legacy", "trt")
     nodes = fff_nodes(optimized)
@@ -207,6 +240,66 @@ def test_form_c_keeps_the_master_leaf_and_blend(rewritten):
     (node,) = fff_nodes(optimized)
     blend = [n for n in optimized.graph.node if node.output[0] in n.input]
     assert [n.op_type for n in blend] == ["Mul"]          # s(k) * tree(x), then + (1 - s(k)) * master(x)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_leaf_major_trees_and_their_form_c(rewritten, exporter):
+    """Leaves as one bmm over x expanded to (L, rows, d) (rows in the middle dim): the per-level tree is rewritten
+    whole; around it a master MLP and the blend s(k) stay dense, and the trt target's node carries the plugin
+    attributes. Numbers at other batch sizes: the layer's own hard forward and reference.hard of its spec."""
+    _, optimized, report = rewritten("per_level_bmm", exporter)
+    assert len(fff_nodes(optimized)) == 1 and report.rewritten[0].depth == 3, str(report)
+    original, optimized, report = rewritten("leaf_major_master", exporter, "trt")
+    (node,) = fff_nodes(optimized)
+    assert [r.form for r in report.rewritten] == ["A"] and node.domain == "fffcompile"
+    assert attribute(node, "plugin_namespace") == b"fffcompile" and attribute(node, "plugin_version") == b"1"
+    ops = [n.op_type for n in optimized.graph.node]
+    assert ops.count("LeafMLPTree") == 1 and "Erf" in ops                 # the master MLP stays dense
+    assert [n.op_type for n in optimized.graph.node if node.output[0] in n.input] == ["Mul"]   # s(k) * tree(x)
+    module, _ = F.case("leaf_major_master")
+    tree_spec = F._spec_per_level_bmm(module.tree)
+    assert spec_of_node(optimized, node).same_as(tree_spec, atol=1e-5, rtol=1e-4)
+    rng = np.random.default_rng(1)
+    for rows in (1, 6, 33):
+        x = rng.standard_normal((rows, 9)).astype(np.float32)
+        got = next(iter(run(optimized, {original.graph.input[0].name: x}).values()))
+        xt = torch.from_numpy(x)
+        with torch.no_grad():
+            s = torch.sigmoid(module.k)
+            want = s * reference.hard(tree_spec, xt) + (1 - s) * module.m2(torch.nn.functional.gelu(module.m1(xt)))
+        assert_close(got, want, f"leaf_major_master/{exporter} vs reference.hard blended at {rows} rows")
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@pytest.mark.parametrize("name", ["fff", "fff_master", "neuron_tree"])
+def test_float16_models(tmp_path, name, exporter):
+    """A half-precision export: read through its float32 twin, the node and its weights stay float16 (the body
+    computes in float32, as reference.hard does); equal to reference.hard of the layer's own spec at other batch
+    sizes to float16 tolerance, and the whole-model check against the original passes."""
+    from fffcompile.compare import default_tolerance
+    module, x = F.case(name)
+    module = copy.deepcopy(module).half()                          # F.case is cached: never change its module
+    path = F.export(module, x.half(), str(tmp_path / f"{name}.onnx"), exporter)
+    original = load_model(path)
+    optimized, report = optimize_onnx(original, "onnx")            # verify=True: the exactness check ran
+    (node,) = fff_nodes(optimized)
+    weights = {t.name: t for t in optimized.graph.initializer}
+    assert all(weights[i].data_type == onnx.TensorProto.FLOAT16 for i in node.input[1:])
+    spec = spec_of_node(optimized, node)
+    if F.CASES[name].true_spec:
+        assert spec.dtype == torch.float16 and spec.same_as(F.CASES[name].true_spec(module), atol=0, rtol=0)
+    atol, rtol = default_tolerance(torch.float16)
+    rng = np.random.default_rng(2)
+    for rows in (1, 9):
+        xs = rng.standard_normal((rows, x.shape[-1])).astype(np.float16)
+        got = next(iter(run(optimized, {original.graph.input[0].name: xs}).values()))
+        want = reference.hard(spec, torch.from_numpy(xs))
+        if name == "fff_master":               # the master MLP and the blend are the original's float16 ops
+            want = next(iter(run(harden_sigmoids(*hardening_of(original)[:2]), {original.graph.input[0].name: xs}).values()))
+        want = torch.as_tensor(np.asarray(want, np.float32))
+        result = compare(torch.from_numpy(got.astype(np.float32)), want, atol=atol * max(1.0, float(want.abs().max())),
+                         rtol=rtol, exclude=reference.near_ties(spec, torch.from_numpy(xs)))
+        assert result.passed, f"{name}/{exporter} float16 at {rows} rows: {result.summary()}"
 
 
 @pytest.mark.parametrize("exporter,opset", [("dynamo", 17), ("legacy", 18), ("legacy", 14)])
@@ -252,3 +345,27 @@ def test_property_extract_equals_spec(tmp_path_factory, depth, d_in, width, d_ou
     optimized, report = optimize_onnx(load_model(path), "onnx")
     (node,) = fff_nodes(optimized)
     assert spec_of_node(optimized, node).same_as(F._spec_fff(module), atol=1e-5, rtol=1e-4)
+
+
+@seed(20261124)
+@settings(max_examples=25, deadline=None)
+@given(lead=st.integers(1, 9), rows=st.integers(1, 12), width=st.integers(1, 5), rows_axis=st.integers(0, 2))
+def test_probe_rows_in_any_axis_round_trip(lead, rows, width, rows_axis):
+    """``row_axes`` finds the rows of a value laid out with them in any axis (a leaf-major (L, R, k) value among
+    them) from R and R + 1 rows; ``rows_as`` lays (R, L k) rows out that way and ``columns`` reads them back."""
+    from fffcompile.onnx.probes import columns, row_axes, rows_as
+    rng = np.random.default_rng(lead * 100 + rows * 10 + width)
+
+    def layout(r):
+        dims = [lead, width]
+        dims.insert(rows_axis, r)
+        return tuple(dims)
+    values = rng.standard_normal((rows, lead * width))
+    small = rows_as(values, layout(rows), rows, rows_axis)
+    assert small.shape == layout(rows)
+    axes = row_axes({"v": small}, {"v": np.zeros(layout(rows + 1))})
+    if all(d == 1 for d in layout(rows)[:rows_axis]):
+        assert "v" not in axes                       # only 1s before the rows: the default reading applies
+    else:
+        assert axes["v"] == rows_axis
+    assert np.array_equal(columns(small, rows, axes.get("v")), values)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import activations
+from ..compare import default_tolerance
 from .graph_index import GraphIndex
 
 ELEMENTWISE = ("Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Mul", "Add", "Sub", "Div", "Pow", "Sqrt", "Neg", "Exp",
@@ -45,18 +46,30 @@ def elementwise_closure(index: GraphIndex, a: str, nodes: set[int]) -> list[str]
     return values
 
 
-def match_activation(a_value: np.ndarray, values: dict[str, np.ndarray]) -> tuple[str, str | None]:
-    """(activation, name of the value holding it) from a's probe values and the closure's values (graph order)."""
+def match_activation(a_value: np.ndarray, values: dict[str, np.ndarray],
+                     dtype: torch.dtype = torch.float32) -> tuple[str, str | None]:
+    """(activation, name of the value holding it) from a's probe values and the closure's values (graph order).
+
+    ``dtype``: the model's own precision. A 16-bit model read through its float32 twin (``widen``) holds
+    16-bit constants (GELU's 1/sqrt(2), 0.044715), so its values match to that dtype's tolerance; the
+    candidate that fits best is taken (GELU's erf and tanh forms differ by less than a float16 step)."""
     a = torch.from_numpy(np.asarray(a_value, dtype=np.float64))
+    atol, rtol = default_tolerance(dtype)
+    atol, rtol = max(atol, 1e-5), max(rtol, 1e-4)
     best = ("identity", None)
     for name, value in values.items():
         value = np.asarray(value)
         if value.shape != a_value.shape or value.dtype.kind != "f":
             continue
         h = torch.from_numpy(value.astype(np.float64))
+        fits = []
         for act in CANDIDATES:
             expected = activations.apply(act, a)
-            if torch.allclose(h, expected, rtol=1e-4, atol=1e-5 * max(1.0, float(expected.abs().max()))):
-                best = (act, name)
-                break
+            scale = max(1.0, float(expected.abs().max()))
+            if torch.allclose(h, expected, rtol=rtol, atol=atol * scale):
+                fits.append((float((h - expected).abs().max()) / scale, act))
+                if dtype not in (torch.float16, torch.bfloat16):
+                    break
+        if fits:
+            best = (min(fits)[1], name)
     return best

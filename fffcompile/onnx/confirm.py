@@ -6,7 +6,9 @@ region is the tree the spec describes (FORMS.md). It runs in ONNX Runtime on ran
 inputs at two shapes unlike the exported ones; the outputs must have the reference's shape and
 values to float tolerance (rows whose path meets a near tie are left out, ``verify.exactness``).
 A wrong heap order, swapped children, a mixture whose paths are not a tree, a softmax gate or
-any other look-alike fails here and is not rewritten.
+any other look-alike fails here and is not rewritten. A 16-bit model is confirmed on its float32
+twin (``widen``) to the tolerance of its own dtype (its constants, such as GELU's sqrt(2), are
+16-bit values).
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ from .probes import probe_shapes, x_layout
 from .region import Region
 
 
-def confirm(index: GraphIndex, region: Region, spec: FFFSpec, sigmoids: list[str] = (), seed: int = 0,
+def confirm(index: GraphIndex, region: Region, spec: FFFSpec, sigmoids=(), seed: int = 0,
             scale: float = 1.0) -> tuple[Optional[Comparison], str]:
-    """(the worst comparison, "") when the numbers hold, else (comparison or None, the reason)."""
+    """(the worst comparison, "") when the numbers hold, else (comparison or None, the reason); ``sigmoids``: names
+    hardened with the spec's tie, or {name: tie}."""
     rank, d_in = x_layout(index.shape(region.x))
     model = index.submodel(region.nodes, region.inputs, [region.y])
     if sigmoids:
@@ -49,7 +52,9 @@ def confirm(index: GraphIndex, region: Region, spec: FFFSpec, sigmoids: list[str
         want = reference.hard(spec, xt)
         if tuple(got.shape) != tuple(want.shape):
             return None, f"the subgraph's output has shape {tuple(got.shape)} at input {shape}, the spec's {tuple(want.shape)}"
-        comparison = exactness(spec, xt, torch.from_numpy(np.asarray(got)), actual=want)
+        got = torch.from_numpy(np.asarray(got))
+        narrow = getattr(index, "narrow_dtypes", {}).get(region.x)      # a 16-bit model read through its float32 twin
+        comparison = exactness(spec, xt, got if narrow is None else got.to(narrow), actual=want)
         if not comparison.passed:
             return comparison, f"the hardened subgraph differs from the extracted {spec.describe()} ({comparison.summary()})"
         if worst is None or comparison.max_rel_error > worst.max_rel_error:

@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from .contract import is_fff_node
+from .contract import FLOAT_TYPES, is_fff_node
 from .graph_index import GraphIndex
 from .linear_chains import static_tensors, trace_source
 
@@ -59,12 +59,13 @@ def _is_zero(index: GraphIndex, name: str) -> bool:
 
 
 def _read_elsewhere(index: GraphIndex, a: str) -> bool:
-    """Whether logit ``a`` (or the tensor it is a reshaped view of: trees viewed as (B, P, n)) has other readers."""
+    """Whether logit ``a`` (or the tensor it is a reshaped view or a cast of: trees viewed as (B, P, n), a float16
+    layer deciding in float32) has other readers."""
     for _ in range(4):
         if len(index.consumers.get(a, ())) >= 2:
             return True
         node = index.producer_node(a)
-        if node is None or node.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"):
+        if node is None or node.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"):
             return False
         a = node.input[0]
     return False
@@ -145,6 +146,42 @@ def gathered_dot(index: GraphIndex, a: str, static: set[str]) -> Optional[tuple[
     return None
 
 
+def row_gather_descents(index: GraphIndex, taken: set[int]) -> dict[str, list[int]]:
+    """{table: comparisons} for comparisons with 0 (not in ``taken``) of a value computed from a data-dependent
+    Gather of rows of a constant table of 2^D - 1 rows: a hard descent that gathers each node's weight row before
+    its dot product (an eval-mode export, ``W[node]``) that ``gathered_dot`` did not trace to one input X (so no
+    candidate anchors it): reported, not rewritten."""
+    static = static_tensors(index)
+    out: dict[str, list[int]] = {}
+    for i, node in enumerate(index.nodes):
+        if i in taken or node.op_type not in COMPARISONS or is_fff_node(node):
+            continue
+        _, data_position = COMPARISONS[node.op_type]
+        a, zero = (node.input[0], node.input[1]) if data_position == 1 else (node.input[1], node.input[0])
+        if a in static or not _is_zero(index, zero):
+            continue
+        frontier, seen = [a], set()
+        while frontier and len(seen) < 64:
+            t = frontier.pop()
+            if t in seen or t in static:
+                continue
+            seen.add(t)
+            producer = index.producer_node(t)
+            if producer is None:
+                continue
+            if producer.op_type in ("Gather", "GatherND") and producer.input[0] in static \
+                    and any(n not in static for n in producer.input[1:]):
+                table = index.constant_value(producer.input[0]) if producer.input[0] in index.initializers else None
+                rows = None if table is None or table.ndim != 2 else table.shape[0]
+                if rows is not None and rows >= 1 and (rows + 1) & rows == 0:
+                    out.setdefault(producer.input[0], []).append(i)
+                    break
+            if producer.op_type in ("Add", "Sub", "Mul", "ReduceSum", "MatMul", "Squeeze", "Unsqueeze", "Reshape",
+                                    "Cast", "Einsum"):
+                frontier.extend(n for n in producer.input if n)
+    return out
+
+
 def find_candidates(index: GraphIndex) -> list[Candidate]:
     static = static_tensors(index)
     sigmoid_groups: dict[str, list[int]] = {}
@@ -175,6 +212,10 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
             gathered = gathered_dot(index, a, static)
             neuron = None
             if _read_elsewhere(index, a):      # a decision on a logit nothing else reads is no neuron tree
+                cast = index.producer_node(a)
+                if cast is not None and cast.op_type == "Cast" and any(
+                        at.name == "to" and at.i in FLOAT_TYPES for at in cast.attribute):
+                    a = cast.input[0]  # a 16-bit layer deciding in float32
                 x = trace_source(index, a, static)
                 neuron = Candidate("B", x, [i], tie=tie) if x is not None else None
             if gathered is not None:

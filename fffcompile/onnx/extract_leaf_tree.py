@@ -9,6 +9,9 @@ so weights are reassembled from what the region computes, never from names:
    node_bias = b, with the columns of the sigmoid tensors concatenated in heap order
    (``detect``); a = x W1 + b1 gives leaf_w1 / leaf_b1 with the columns leaf-major
    (leaf j owns columns j l .. j l + l - 1). The random rows check that both are affine.
+   Values that keep the rows in a later axis (leaves run as one batched matmul over x expanded
+   to (L, rows, d), the per-level-bmm / leaf-major style) are told apart by one more probe row
+   (``probes.row_axes``) and read and fed with their rows axis moved first and back.
 2. The activation h = act(a) is identified numerically (``activation_match``).
 3. The second layer, first where the leaves' outputs meet the mixture (the *frontier*: values
    computed from h but not from p that an op combining them with p reads; one (rows, L, d_out)
@@ -36,7 +39,7 @@ from .activation_match import elementwise_closure, match_activation
 from .contract import torch_dtype
 from .graph_index import GraphIndex, evaluate, make_session
 from .linear_chains import chain_ends, projected_tensors, static_tensors
-from .probes import columns, feed_shape, shaped, x_layout
+from .probes import columns, row_axes, rows_as, shaped, x_layout
 from .region import Region
 
 PROBE_BUDGET = 1 << 25      # floats per probe run (region values), to bound memory on deep trees
@@ -92,7 +95,9 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
     rows = probes.shape[0]
     model = index.submodel(index.backward_slice(taps, stop={region.x}) & region.nodes, region.inputs, taps)
     values = evaluate(model, region.feed(index, shaped(probes.astype(np_dtype), rank)), taps)
-    z_cols = [columns(values[z], rows) for z in z_names]
+    one_more = np.concatenate([probes, affine_probes(d_in, extra=1, seed=1)[-1:]])       # rows in a later axis?
+    axes = row_axes(values, evaluate(model, region.feed(index, shaped(one_more.astype(np_dtype), rank)), taps))
+    z_cols = [columns(values[z], rows, axes.get(z)) for z in z_names]
     widths = [c.shape[1] for c in z_cols]
     order = sorted(range(len(z_names)), key=lambda k: (widths[k], sigmoids[k]))
     z_all = np.concatenate([z_cols[k] for k in order], 1)
@@ -106,9 +111,10 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
     # 2. leaf first layer and activation
     acts, h_names, w1_parts, b1_parts = set(), [], [], []
     for a in ends:
-        a_cols = columns(values[a], rows)
+        a_cols = columns(values[a], rows, axes.get(a))
         W, b = read_affine(a_cols, probes, "a leaf pre-activation")
-        act, h = match_activation(values[a], {v: values[v] for v in closures[a]})
+        act, h = match_activation(values[a], {v: values[v] for v in closures[a]},
+                                  getattr(index, "narrow_dtypes", {}).get(region.x, torch.float32))
         acts.add(act)
         h_names.append(h or a)
         w1_parts.append(W)
@@ -125,7 +131,7 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
 
     # 3. second layer, read where the leaves' outputs meet the mixture, else through the mixture leaf by leaf
     h_shapes = [values[h].shape for h in h_names]
-    h_widths = [columns(values[h], rows).shape[1] for h in h_names]
+    h_widths = [columns(values[h], rows, axes.get(h)).shape[1] for h in h_names]
     p_shapes = [values[z].shape for z in z_names]
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
 
@@ -140,7 +146,7 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
     def h_feeds(h_rows, R):
         feeds, offset = {}, 0
         for name, shape, w in zip(h_names, h_shapes, h_widths):
-            feeds[name] = h_rows[:, offset:offset + w].astype(np_dtype).reshape(feed_shape(shape, rows, R))
+            feeds[name] = rows_as(h_rows[:, offset:offset + w].astype(np_dtype), shape, rows, axes.get(name))
             offset += w
         return feeds
 
@@ -156,10 +162,13 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
         for k in range(width):
             h_rows[1 + k, k::width] = 1.0
         nodes = index.backward_slice(frontier, stop={region.x, *h_names, *region.shape_sources}) & region.nodes
-        feeds = {**region.feed(index, shaped(np.zeros((R, d_in), np_dtype), rank)), **h_feeds(h_rows, R)}
         try:
-            out = evaluate(index.submodel(nodes, [*region.inputs, *h_names], frontier), feeds, frontier)
-            f = np.concatenate([columns(out[t], R) for t in frontier], 1).astype(np.float64)
+            reader = make_session(index.submodel(nodes, [*region.inputs, *h_names], frontier))
+            h_more = np.concatenate([h_rows, np.zeros((1, h_rows.shape[1]))])       # one more row: the rows axis
+            out, more = (evaluate(reader, {**region.feed(index, shaped(np.zeros((len(h), d_in), np_dtype), rank)),
+                                           **h_feeds(h, len(h))}, frontier) for h in (h_rows, h_more))
+            frontier_axes = row_axes(out, more)
+            f = np.concatenate([columns(out[t], R, frontier_axes.get(t)) for t in frontier], 1).astype(np.float64)
         except Exception:
             f = None
         if f is not None and f.shape[1] % leaves == 0:
@@ -189,7 +198,7 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
         offset = 0
         for k in order:      # heap-ordered columns back to each sigmoid's own tensor
             w = widths[k]
-            feeds[p_names[k]] = p_rows[:, offset:offset + w].astype(np_dtype).reshape(feed_shape(p_shapes[k], rows, R))
+            feeds[p_names[k]] = rows_as(p_rows[:, offset:offset + w].astype(np_dtype), p_shapes[k], rows, axes.get(z_names[k]))
             offset += w
         y = columns(evaluate(second, feeds, [region.y])[region.y], R).astype(np.float64)
         outputs.append(y.reshape(len(block), per_leaf, -1))

@@ -48,7 +48,7 @@ def extract_neuron_tree(index: GraphIndex, region: Region, comparison: int, tie:
     decisions = node.output[0]
     for _ in range(4):     # decisions on a reshaped view of the logits (trees as (B, P, n)): the activation reads the source
         view = index.producer_node(a)
-        if view is None or view.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity") \
+        if view is None or view.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast") \
                 or len(index.consumers.get(a, ())) != 1 or index.producer.get(view.input[0]) not in region.nodes:
             break
         a = view.input[0]
@@ -59,7 +59,8 @@ def extract_neuron_tree(index: GraphIndex, region: Region, comparison: int, tie:
     model = index.submodel(index.backward_slice(taps, stop={region.x}) & region.nodes, region.inputs, taps)
     values = evaluate(model, region.feed(index, shaped(probes.astype(np_dtype), rank)), [a, decisions, *closure])
     W, b = read_affine(columns(values[a], rows), probes, "the neuron pre-activation")
-    act, h = match_activation(values[a], {v: values[v] for v in closure})
+    act, h = match_activation(values[a], {v: values[v] for v in closure},
+                              getattr(index, "narrow_dtypes", {}).get(region.x, torch.float32))
     h = h or a
     neurons = W.shape[1]
     if h == a:

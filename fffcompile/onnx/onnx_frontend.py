@@ -18,7 +18,10 @@
    sigmoids hardened (exactness) and against the soft original (fidelity), in ONNX Runtime on
    generated inputs or the user's; a failure raises ``VerificationError``.
 
-Every candidate not rewritten is reported with its reason (``Report.left``).
+Every candidate not rewritten is reported with its reason (``Report.left``), and so is a hard descent
+that gathers node weight rows before its dot product (``detect.row_gather_descents``). A float16 /
+bfloat16 model is read through its float32 twin (``widen``, ``find_in_model``). A router's s(-z)
+next to s(z) (log-sigmoid pairs of a log-space mixture) is hardened as 1 - [z >= 0] (``complements``).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from ..spec import FFFSpec
 from .attach import insert_fff_nodes, raise_opset
 from .confirm import confirm
 from .contract import check_target
-from .detect import Candidate, find_candidates, scaled_routers, split_by_outputs
+from .detect import Candidate, find_candidates, row_gather_descents, scaled_routers, split_by_outputs
 from .extract_leaf_tree import NotExtracted, extract_leaf_tree
 from .extract_hard_leaf_tree import extract_hard_leaf_tree
 from .extract_gathered_tree import extract_gathered_tree
@@ -47,6 +50,7 @@ from .linear_chains import chain_ends, projected_tensors, static_tensors
 from .mixture_guard import router_sigmoids, soft_routers_mixing
 from .node import fff_node
 from .region import Region, candidate_regions
+from .widen import NARROW, float32_twin, has_narrow_floats
 
 
 @dataclass
@@ -56,6 +60,12 @@ class Found:
     spec: FFFSpec
     comparison: object
     sigmoids: list[str]         # names of the router sigmoids (hardened to verify); [] for form B
+    complements: tuple[str, ...] = ()   # sigmoids of -z for a router logit z (log-sigmoid pairs): 1 - p when hard
+
+    def ties(self) -> dict[str, str]:
+        """{sigmoid name: tie rule} that hardens this FFF: [z >= 0] for a router, [-z > 0] = 1 - [z >= 0] for a complement."""
+        flipped = {"ge": "gt", "gt": "ge"}[self.spec.tie]
+        return {**{n: self.spec.tie for n in self.sigmoids}, **{n: flipped for n in self.complements}}
 
 
 def _log(progress: Optional[Callable[[str], None]], message: str) -> None:
@@ -101,15 +111,34 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
         for spec in specs:
             # the largest layout-only extension first (restoring the input's leading dims): one check, not two
             for target in _layout_extensions(index, region, candidate.form)[::-1] + [region]:
-                comparison, why = confirm(index, target, spec, sigmoids)
+                found = Found(candidate, target, spec, None, sigmoids, complements(index, target, candidate))
+                comparison, why = confirm(index, target, spec, found.ties())
                 if not why:
-                    return Found(candidate, target, spec, comparison, sigmoids), []
+                    found.comparison = comparison
+                    return found, []
             reasons.append(why)
     except (NotExtracted, InvalidModelError) as error:
         reasons.append(f"at {region.y!r}: {error}")
     except Exception as error:  # a probe that does not run: not this region
         reasons.append(f"at {region.y!r}: probing failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
     return None, reasons
+
+
+def complements(index: GraphIndex, region: Region, candidate: Candidate) -> tuple[str, ...]:
+    """Sigmoid nodes of the region computing s(-z) = 1 - s(z) for a router logit z of the candidate (``Neg(z)``):
+    a log-space mixture's log s(-z) next to log s(z). Hardened with the other tie rule, they are 1 - [z >= 0]."""
+    if candidate.form != "A":
+        return ()
+    logits = {index.nodes[i].input[0] for i in candidate.anchors}
+    out = []
+    for i in sorted(region.nodes):
+        node = index.nodes[i]
+        if node.op_type != "Sigmoid" or i in candidate.anchors:
+            continue
+        neg = index.producer_node(node.input[0])
+        if neg is not None and neg.op_type == "Neg" and neg.input[0] in logits:
+            out.append(node.name)
+    return tuple(out)
 
 
 # What may follow a confirmed FFF inside a larger confirmed one: layout (restoring the input's leading
@@ -213,7 +242,8 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
     (``detect.split_by_outputs``: two trees routing one input); when a part is confirmed, every part
     is reported on its own, otherwise the candidate as a whole."""
     found, left, taken = [], [], set()
-    for candidate in find_candidates(index):
+    candidates = find_candidates(index)
+    for candidate in candidates:
         where = candidate.where(index)
         if any(a in taken for a in candidate.anchors):
             continue
@@ -242,11 +272,35 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
             _log(progress, f"found {result.spec.describe()} at {where}")
             found.append(result)
             taken |= result.region.x_nodes
+    anchored = {i for c in candidates for i in c.anchors}
+    for table, comparisons in row_gather_descents(index, anchored).items():
+        node = index.nodes[comparisons[0]]
+        left.append(Left(f"hard descent at {node.op_type} {node.name or node.output[0]!r}",
+                         f"the node weight rows ({table!r}) are gathered per row before the dot product (an eval-mode "
+                         f"export): not a hard-descent layout fffcompile reads (its training graph, exported in train mode, is)",
+                         frontend="onnx"))
     for i, x in scaled_routers(index):
         node = index.nodes[i]
         left.append(Left(f"FFF on {x!r} (anchor Sigmoid {node.name or node.output[0]!r})",
                          "a sigmoid of a projection times a constant tensor (signed paths, a log-space mixture): "
                          "no soft-tree layout fffcompile reads", frontend="onnx"))
+    return found, left
+
+
+def find_in_model(model: onnx.ModelProto, index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]:
+    """``find_ffs`` on ``model`` (indexed by ``index``); a model with float16 / bfloat16 tensors is read through its
+    float32 twin (``widen``: same nodes, same names), confirmed to its own dtype's tolerance, and each spec cast
+    back to its input's dtype (exact: the twin's weights are the model's)."""
+    if not has_narrow_floats(model):
+        return find_ffs(index, progress)
+    from .contract import torch_dtype
+    twin = GraphIndex(float32_twin(model))
+    twin.narrow_dtypes = {name: torch_dtype(index.elem_type(name)) for name in index.types
+                          if index.elem_type(name) in NARROW}
+    found, left = find_ffs(twin, progress)
+    for f in found:
+        if f.region.x in twin.narrow_dtypes:
+            f.spec = f.spec.to(twin.narrow_dtypes[f.region.x])
     return found, left
 
 
@@ -304,8 +358,8 @@ def hardening_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str
     working.CopyFrom(model)
     _name_anchors(working)
     index = GraphIndex(working)
-    found, _ = find_ffs(index)
-    return (working, {name: f.spec.tie for f in found for name in f.sigmoids},
+    found, _ = find_in_model(working, index)
+    return (working, {name: tie for f in found for name, tie in f.ties().items()},
             [(f.spec, f.region.x) for f in found])
 
 
@@ -327,7 +381,7 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
     original.CopyFrom(working)
     _log(progress, f"analysing {len(working.graph.node)} nodes")
     index = GraphIndex(working)
-    found, left = find_ffs(index, progress)
+    found, left = find_in_model(working, index, progress)
     report = Report(left=left)
     if not found:
         report.notes.append("no FFF layer was found to rewrite; the model is unchanged")
@@ -357,7 +411,7 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
     if verify:
         _log(progress, "verifying the rewritten model in ONNX Runtime")
         from .verify import verify_models
-        ties = {name: f.spec.tie for f in found for name in f.sigmoids}
+        ties = {name: tie for f in found for name, tie in f.ties().items()}
         checks = [(f.spec, f.region.x) for f in found]
         try:
             result = verify_models(original, optimized, sigmoids=ties, inputs=inputs, tie_checks=checks, atol=atol,
