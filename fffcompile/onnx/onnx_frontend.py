@@ -419,6 +419,10 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
         except InvalidModelError as error:
             if inputs is not None:
                 raise
+            if "cannot load" in str(error):
+                raise InvalidModelError(f"{error}; the whole-model check needs ONNX Runtime to run the original: "
+                                        f"skip it with --no-verify (each rewritten FFF was confirmed on its own)") \
+                    from error
             raise InvalidModelError(f"{error}; the check ran on generated inputs: pass real "
                                     f"inputs (--inputs data.npz) or skip the check (--no-verify)") from error
         report.model_check = {f"exactness {k}": c for k, c in result.exactness.items()}

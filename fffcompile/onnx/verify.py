@@ -130,10 +130,11 @@ def runnable_inputs(model: ModelLike, seed: int = 0) -> dict[str, np.ndarray]:
                for d in v.type.tensor_type.shape.dim):
         return generate_inputs(model, seed=seed)
     first_error = None
+    run_original = runner(model)
     for size in DIM_SIZES:
         feeds = generate_inputs(model, seed=seed, dim_size=size)
         try:
-            run(model, feeds)
+            run_original(feeds)
             return feeds
         except InvalidModelError as error:
             first_error = first_error or error
@@ -194,6 +195,11 @@ def float32_interface(model: onnx.ModelProto) -> onnx.ModelProto:
 def run(model: ModelLike, feeds: Mapping[str, np.ndarray], extra_outputs: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """All graph outputs (plus ``extra_outputs``, values inside the main graph) by name; bfloat16 inputs and
     outputs are fed and returned as float32."""
+    return runner(model, extra_outputs)(feeds)
+
+
+def runner(model: ModelLike, extra_outputs: Sequence[str] = ()):
+    """``run`` with the session loaded once: a function of the feeds (raises at once when the model cannot load)."""
     header = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model), load_external_data=False)
     proto = None
     if extra_outputs or _bfloat16_io(header):
@@ -203,11 +209,17 @@ def run(model: ModelLike, feeds: Mapping[str, np.ndarray], extra_outputs: Sequen
         float32_interface(proto)
     s = session(proto if proto is not None else model)
     names = [o.name for o in s.get_outputs()]
-    try:
-        values = s.run(names, dict(feeds))
-    except Exception as error:
-        raise InvalidModelError(f"ONNX Runtime failed to run the model: {str(error).splitlines()[0]}") from error
-    return dict(zip(names, values))
+
+    def run_feeds(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # bfloat16 arrays (ml_dtypes) go in through the float32 interface
+        feeds = {k: v.astype(np.float32) if getattr(v, "dtype", None) is not None and v.dtype.name == "bfloat16"
+                 else v for k, v in feeds.items()}
+        try:
+            values = s.run(names, feeds)
+        except Exception as error:
+            raise InvalidModelError(f"ONNX Runtime failed to run the model: {str(error).splitlines()[0]}") from error
+        return dict(zip(names, values))
+    return run_feeds
 
 
 def _near_tie_rows(values: dict, tie_checks) -> Optional[np.ndarray]:
