@@ -30,11 +30,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from . import reduced_weights
 from .compare import compare, default_tolerance
 from .errors import InvalidModelError, UserError
 from .passes.confirm_module import run_original
 from .passes.module_frontend import rewrite_modules, set_submodule
-from . import reduced_weights
 from .report import Left, Report
 
 FRONTENDS = ("module", "graph")

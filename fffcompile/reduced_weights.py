@@ -37,6 +37,8 @@ def apply(model: nn.Module, weights: Optional[str]) -> list[str]:
             notes.append(f"{name or 'model'}: weights are {layer.node_weight.dtype}, kept as they are (bf16 copy needs float32)")
             continue
         layer.set_weights(weights)
+    if weights is not None and not any(layer.weights == weights for _, layer in fused_layers(model)):
+        notes.append(f"weights={weights!r}: no fused layer module takes it (none, or none in float32); the weights are as trained")
     return notes
 
 
