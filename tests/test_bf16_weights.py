@@ -177,3 +177,29 @@ def test_optimize_with_bf16_weights_reports_the_error():
 def test_optimize_rejects_an_unknown_weight_mode():
     with pytest.raises(fffcompile.errors.UserError, match="weights"):
         fffcompile.optimize(nn.Linear(4, 4), torch.randn(2, 4), weights="int8")
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_handle_batch_0_and_1(ext, rows):
+    spec = make_spec(form="neuron_tree", depth=3, d_in=16, d_out=8, trees=2, seed=11)
+    module = FusedFFF(spec, weights="bf16").eval()
+    x = random_input(spec, (rows,), 12)
+    with torch.no_grad():
+        assert_equals_rounded_reference(module(x), spec, x)
+
+
+def test_bf16_needs_float32_weights():
+    spec = make_spec(form="leaf_mlp", depth=2, dtype=torch.float64, seed=2)
+    with pytest.raises(ValueError, match="float32"):
+        FusedFFF(spec, weights="bf16")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        FusedFFF(make_spec(seed=2), weights="fp8")
+
+
+def test_optimize_bf16_without_verify_says_so():
+    from fffcompile.nn import FFF
+    torch.manual_seed(1)
+    model = _Soft(FFF(64, 24, depth=2, leaf_width=4)).eval()
+    fast = fffcompile.optimize(model, torch.randn(16, 32), weights="bf16", verify=False)
+    assert all(m.weights == "bf16" for m in fast.modules() if isinstance(m, FusedFFF))
+    assert any("not verified" in n for n in fast.report.notes)
