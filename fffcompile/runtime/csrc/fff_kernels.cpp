@@ -59,6 +59,12 @@
 // (same machine, load average 3.9-5.4) measured fffcompile at UFB 56 us / 567 us / 4.1 ms / 15.0
 // ms and form A 16 us / 1.24 ms / 6.0 ms / 18.1 ms at batch 1 / 128 / 1024 / 4096, one thread; two
 // threads could not be shown faster there (the second core was busy with the other jobs).
+// bfloat16 weight copy (float32 x / out), same machine, load average 2.6-2.9, two runs of
+// `fffcompile bench --shapes ufb leaf --batches 1 128 1024 4096 --threads 1 --methods dense --rounds 11
+// --budget 8 --plot none` (noisy, +-10-20% per point), float32 vs bf16 weights, one thread:
+// UFB 10.9 / 396 / 3640 / 12440 us vs 8.1 / 276 / 2880 / 11230 us; form A 12.7 / 1120 / 4190 / 11270 us
+// vs 10.4 / 626 / 2920 / 9940 us at batch 1 / 128 / 1024 / 4096: 1.1-1.8x, most where the weight
+// rows stream once per row (form A's leaf MLPs at batch 128), least on the subtree path at 4096.
 
 #include <torch/extension.h>
 #include <ATen/EmptyTensor.h>
