@@ -15,6 +15,9 @@ Methods, all on the same weights and the same input rows:
 - ``torch_hard``: the vectorised hard form in torch eager (``reference.hard``: one gather per level);
 - ``torch_hard_compiled``: the same function through ``torch.compile`` (one compile per batch size);
 - ``fffcompile``: ``fffcompile.optimize(model)`` of the soft model (``FusedFFF`` and its C++ kernel).
+- ``fffcompile_bf16``: ``fffcompile.optimize(model, weights="bf16")``: the same kernel on a bfloat16
+  copy of the weights (x, sums, output float32); checked against ``reference.hard`` of the spec with
+  its weights rounded to bfloat16, its error against the float32 hard form printed with the checks.
 
 Timing: every call gets fresh rows (a pool of inputs larger than the caches is cycled), methods
 are interleaved round by round, the figure is the median over rounds of the time per call (small
@@ -38,12 +41,12 @@ import torch
 from torch import nn
 
 from . import reference
-from .compare import compare
+from .compare import compare, default_tolerance
 from .spec import FFFSpec
 
 BATCHES = (1, 128, 1024, 4096)
 SHAPES = ("ufb", "leaf")
-METHODS = ("dense", "soft", "ff_eval", "torch_hard", "torch_hard_compiled", "fffcompile")
+METHODS = ("dense", "soft", "ff_eval", "torch_hard", "torch_hard_compiled", "fffcompile", "fffcompile_bf16")
 # issue 4's goals: ratio to dense at 1 thread
 GOALS = {("ufb", 1): 150, ("ufb", 128): 35, ("ufb", 4096): 35, ("leaf", 1): 100, ("leaf", 1024): 30}
 
@@ -61,18 +64,19 @@ def _dense(width: int, hidden: int, activation: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Linear(width, hidden), activation, nn.Linear(hidden, width)).eval()
 
 
-def _fused_of(model: nn.Module, example: torch.Tensor, spec: FFFSpec, notes: list[str]) -> nn.Module:
+def _fused_of(model: nn.Module, example: torch.Tensor, spec: FFFSpec, notes: list[str],
+              weights: Optional[str] = None) -> nn.Module:
     """optimize(model), or FusedFFF(spec) when optimize leaves the layer (said in the notes)."""
     from . import optimize
     from .runtime import FusedFFF
     try:
-        optimized = optimize(model, example)
+        optimized = optimize(model, example, weights=weights)
         if optimized.report.rewritten and any(isinstance(m, FusedFFF) for m in optimized.modules()):
             return optimized.eval()
         notes.append(f"optimize() left the layer ({optimized.report.left}); timed FusedFFF(spec)")
     except Exception as error:  # the benchmark still times the kernel, and says why
         notes.append(f"optimize() failed ({type(error).__name__}: {error}); timed FusedFFF(spec)")
-    return FusedFFF(spec).eval()
+    return FusedFFF(spec, weights=weights).eval()
 
 
 def build_ufb(seed: int = 0) -> Shape:
@@ -85,6 +89,7 @@ def build_ufb(seed: int = 0) -> Shape:
     shape.methods["dense"] = _dense(768, 3072, nn.GELU())
     shape.methods["soft"] = soft.train()
     shape.methods["fffcompile"] = _fused_of(soft.eval(), torch.randn(8, 768), spec, shape.notes)
+    shape.methods["fffcompile_bf16"] = _fused_of(soft.eval(), torch.randn(8, 768), spec, shape.notes, "bf16")
     soft.train()
     return shape
 
@@ -106,6 +111,7 @@ def build_leaf(seed: int = 0) -> Optional[Shape]:
     shape.methods["soft"] = train_copy.train()
     shape.methods["ff_eval"] = ff.eval()
     shape.methods["fffcompile"] = _fused_of(ff.eval(), torch.randn(8, 768), spec, shape.notes)
+    shape.methods["fffcompile_bf16"] = _fused_of(ff.eval(), torch.randn(8, 768), spec, shape.notes, "bf16")
     ff.eval()
     return shape
 
@@ -119,13 +125,31 @@ def _add_torch_hard(shape: Shape, compiled: bool):
 
 
 def _check(shape: Shape, x: torch.Tensor) -> str:
-    """fffcompile's output equals the hard form's on the benchmark rows (near ties excluded)."""
+    """fffcompile's output equals the hard form's on the benchmark rows (near ties excluded); the bf16
+    column equals the hard form of the bf16-rounded weights, and its error against the float32 hard
+    form is measured (bf16 tolerances; rows whose path differs counted)."""
     with torch.no_grad():
         got = shape.methods["fffcompile"](x)
-    result = compare(got, reference.hard(shape.spec, x), exclude=reference.near_ties(shape.spec, x))
+    expected = reference.hard(shape.spec, x)
+    result = compare(got, expected, exclude=reference.near_ties(shape.spec, x))
     if not result:
         raise AssertionError(f"{shape.name}: fffcompile differs from the hard form: {result.summary()}")
-    return result.summary()
+    if "fffcompile_bf16" not in shape.methods:
+        return result.summary()
+    from .runtime.cpu_kernel import round_weight
+    names = ("node_weight", "node_bias", "leaf_w1", "leaf_b1", "leaf_w2", "leaf_b2", "out_weight", "out_bias")
+    rounded = shape.spec.replace(**{n: round_weight(getattr(shape.spec, n), "bf16") for n in names
+                                    if getattr(shape.spec, n) is not None})
+    with torch.no_grad():
+        got16 = shape.methods["fffcompile_bf16"](x)
+    exact16 = compare(got16, reference.hard(rounded, x), exclude=reference.near_ties(rounded, x))
+    if not exact16:
+        raise AssertionError(f"{shape.name}: fffcompile_bf16 differs from the hard form of the bf16 weights: {exact16.summary()}")
+    atol, rtol = default_tolerance(torch.bfloat16)
+    vs32 = compare(got16, expected, atol=atol * max(1.0, float(expected.abs().max())), rtol=rtol)
+    flips = int((reference.route(shape.spec, x).leaf != reference.route(rounded, x).leaf).any(-1).sum())
+    return (f"{result.summary()}; bf16 weights vs the float32 hard form: {vs32.summary()}, "
+            f"{flips}/{x.shape[0]} rows on another path")
 
 
 # The fastfeedforward training forward materialises (batch, leaves, d_out): skipped above this many bytes.
@@ -186,8 +210,8 @@ def measure(shape: Shape, batch: int, threads: int, rounds: int, budget_s: float
 
 
 def run(shapes=SHAPES, batches=BATCHES, threads: Optional[list[int]] = None, rounds: int = 9, budget_s: float = 20.0,
-        compiled: bool = True, log=print) -> dict:
-    """Run the benchmark; returns the JSON-ready results."""
+        compiled: bool = True, log=print, methods: Optional[list[str]] = None) -> dict:
+    """Run the benchmark; returns the JSON-ready results. methods: time only these (dense always)."""
     all_threads = threads or sorted({1, torch.get_num_threads()})
     initial_threads = torch.get_num_threads()
     from .runtime import cpu_kernel
@@ -200,6 +224,9 @@ def run(shapes=SHAPES, batches=BATCHES, threads: Optional[list[int]] = None, rou
                 results["notes"][name] = ["skipped: the fastfeedforward package is not installed"]
                 continue
             _add_torch_hard(shape, compiled)
+            if methods:
+                shape.methods = {k: v for k, v in shape.methods.items()
+                                 if k in methods or k in ("dense", "fffcompile", "fffcompile_bf16")}
             results["notes"][name] = shape.notes
             results["checks"][name] = _check(shape, torch.randn(64, shape.spec.d_in))
             log(f"# {shape.title}: fffcompile vs hard form {results['checks'][name]}")

@@ -16,6 +16,10 @@ Frontends, in order:
 Whole-model verify (``verify=True``): on the example inputs, the optimized model against
 (a) the original with the rewritten layers hardened (exactness; a failure returns the model
 unchanged, with the reason) and (b) the original as is (fidelity figures).
+
+weights="bf16": the fused layers then run on a bfloat16 copy of their tree weights
+(``reduced_weights``); verify adds the bf16 model against the hardened original, with tolerances
+for bfloat16 weights, and each layer's decision flips on the example inputs (reported, not failed).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from . import reduced_weights
 from .compare import compare, default_tolerance
 from .errors import InvalidModelError, UserError
 from .passes.confirm_module import run_original
@@ -74,18 +79,22 @@ def _first_tensor(value):
 
 def optimize(model: nn.Module, example_inputs, *, example_kwargs: Optional[dict] = None, verify: bool = True,
              min_leaf_agreement: Optional[float] = None, frontends: Sequence[str] = FRONTENDS,
-             seed: int = 0) -> nn.Module:
+             seed: int = 0, weights: Optional[str] = None) -> nn.Module:
     """Return a copy of ``model`` whose confirmed FFF layers run the fused op; its ``.report`` says what happened.
 
     example_inputs: a tensor or tuple of positional inputs (real data where possible: the fidelity
     figures are measured on it). min_leaf_agreement: keep soft any layer whose hard leaf agrees
     with the soft form's heaviest leaf for fewer rows than this. frontends: any of "module", "graph".
+    weights: None (as trained) or "bf16" (the fused layers keep a bfloat16 copy of their tree weights;
+    the report states its error against the hardened original).
     """
     if not isinstance(model, nn.Module):
         raise UserError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
     unknown = set(frontends) - set(FRONTENDS)
     if unknown:
         raise UserError(f"unknown frontend(s) {sorted(unknown)}; choose from {FRONTENDS}")
+    if weights not in reduced_weights.MODES:
+        raise UserError(f"weights must be one of {reduced_weights.MODES}, got {weights!r}")
     inputs = _as_tuple(example_inputs)
     try:
         work = copy.deepcopy(model)
@@ -137,6 +146,20 @@ def optimize(model: nn.Module, example_inputs, *, example_kwargs: Optional[dict]
                                           f"the model is returned unchanged") for r in report.rewritten]
             report.rewritten = []
             work = copy.deepcopy(model)
+        elif weights is not None:
+            report.notes += reduced_weights.apply(work, weights)
+            outputs = {}
+
+            def run_bf16():
+                with torch.no_grad():
+                    outputs["y"] = _first_tensor(work(*inputs, **(example_kwargs or {})))
+            flips = reduced_weights.decision_flips(work, run_bf16)
+            result, notes = reduced_weights.check(outputs["y"], hardened_out, flips)
+            report.model_check[reduced_weights.CHECK_NAME] = result
+            report.notes += notes
+    elif weights is not None and report.rewritten:
+        report.notes += reduced_weights.apply(work, weights)
+        report.notes.append("bf16 weights: not verified (verify=False or no whole-model check)")
     if not report.rewritten and not report.left:
         report.notes.append("no FFF layer found: no submodule's tensors fit an FFF signature"
                             + (" and the graph pass found no FFF subgraph" if "graph" in frontends else ""))

@@ -53,3 +53,11 @@ def test_results_record_the_spread_and_the_table_prints_it():
     assert json.loads(json.dumps(row)) == row
     line = benchmark.format_row(row)
     assert line.count("+-") == 2 and "x" in line
+
+
+def test_methods_option_and_the_bf16_column():
+    from fffcompile import benchmark
+    from fffcompile.cli import bench
+    assert bench.METHOD_CHOICES == benchmark.METHODS and "fffcompile_bf16" in benchmark.METHODS
+    args = build_parser().parse_args(["bench", "--methods", "torch_hard"])
+    assert args.methods == ["torch_hard"]

@@ -1,7 +1,8 @@
 """``fffcompile bench``: the CPU benchmark (``fffcompile.benchmark``): table, JSON and PNG in one run.
 
     fffcompile bench [--quick] [--shapes ufb leaf] [--batches 1 128 1024 4096] [--threads 1 2]
-                     [--rounds 9] [--no-compile] [--json PATH] [--plot PATH]
+                     [--rounds 9] [--no-compile] [--methods dense fffcompile fffcompile_bf16 ...]
+                     [--json PATH] [--plot PATH]
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 
 DEFAULT_JSON = "fffcompile-bench-cpu.json"
 DEFAULT_PLOT = "fffcompile-bench-cpu.png"
+# benchmark.METHODS (not imported here: the CLI starts without torch)
+METHOD_CHOICES = ("dense", "soft", "ff_eval", "torch_hard", "torch_hard_compiled", "fffcompile", "fffcompile_bf16")
 
 
 def add_parser(subparsers):
@@ -24,6 +27,9 @@ def add_parser(subparsers):
     p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                    help="leave out the torch.compile'd hard form (compiling takes a while)")
     p.add_argument("--compile", dest="compile", action="store_true", help="include it even with --quick")
+    p.add_argument("--methods", nargs="+", choices=METHOD_CHOICES,
+                   help="time only these methods (dense, fffcompile and fffcompile_bf16 are always timed: the "
+                        "ratios' baseline and the checked columns); default: all")
     p.add_argument("--json", default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     p.add_argument("--plot", default=DEFAULT_PLOT, help=f"PNG plot (default {DEFAULT_PLOT}); 'none' to skip")
     p.set_defaults(run=run)
@@ -55,7 +61,9 @@ def run(args) -> int:
         threads=args.threads or ([1] if quick else None),
         rounds=args.rounds or (5 if quick else 9),
         budget_s=args.budget or (4.0 if quick else 20.0),
-        compiled=args.compile if args.compile is not None else not quick,
+        compiled=(args.compile if args.compile is not None else not quick) and (
+            not args.methods or "torch_hard_compiled" in args.methods),
+        methods=args.methods,
         log=lambda line: print(line, flush=True))
     benchmark.write_json(results, args.json)
     print(f"wrote {args.json}")

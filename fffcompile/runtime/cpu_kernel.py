@@ -4,7 +4,8 @@ The kernel (``csrc/fff_kernels.cpp``, body in ``csrc/fff_body.h``) computes exac
 ``reference.hard``: form A descends n = 2n + 1 + [z_n >= 0] (tie "ge") or [z_n > 0] (tie "gt")
 and runs the leaf's MLP (or linear leaf), form B sums act(a_{p,n}) V_{p,n} over the D + 1
 neurons of each tree's path; float32/float64 in their own type, bfloat16/float16 accumulated in
-float32 and rounded once. AVX-512 / AVX2+FMA / scalar chosen at run time. Small batches (always
+float32 and rounded once; float32 x with bfloat16 weights (``prepare(..., weights="bf16")``, the
+optional reduced-precision copy) computes in float32 on the rounded weights. AVX-512 / AVX2+FMA / scalar chosen at run time. Small batches (always
 batch 1) descend one row at a time, four rows interleaved; large batches (form B from 2048 rows,
 form A's routing from 128) run the top levels per row, bucket the rows by subtree and descend each
 subtree level by level, each node's weight rows loaded once for all of its rows. Threads take
@@ -178,8 +179,19 @@ def neuron_tree_cpu(x: Tensor, node_weight: Tensor, node_bias: Tensor, out_weigh
     return reference.hard(spec, x)
 
 
+WEIGHT_MODES = (None, "bf16")
+
+
+def round_weight(t: Optional[Tensor], weights: Optional[str]) -> Optional[Tensor]:
+    """The weight as the kernel uses it: unchanged (weights=None), or rounded to bfloat16 and back
+    ("bf16", the reduced-precision copy) so that the reference computes what the kernel does."""
+    if t is None or weights is None:
+        return t
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
 def prepare(form: str, node_weight: Tensor, node_bias: Tensor, a: Tensor, b: Tensor, leaf_w2: Optional[Tensor],
-            leaf_b2: Optional[Tensor], activation: str, tie: str):
+            leaf_b2: Optional[Tensor], activation: str, tie: str, weights: Optional[str] = None):
     """A C++ handle holding one layer's weights, ``handle(x) -> y`` (the op without the dispatcher), or
     None when the kernel would not run them (not loaded, not CPU, mixed dtypes, unknown activation).
 
@@ -187,14 +199,22 @@ def prepare(form: str, node_weight: Tensor, node_bias: Tensor, a: Tensor, b: Ten
     the very tensors, so in-place updates (and ``param.data = ...``) are seen; a caller that replaces
     a parameter object must prepare again. Callers guarantee no autograd and no tracing, and x of the
     weights' dtype on CPU (the C++ side checks dtype and shape and raises otherwise).
+
+    weights="bf16" (float32 weights only, else None): the handle keeps a bfloat16 copy of the weights,
+    rebuilt when a source tensor changes, and runs the kernel on it with float32 x, sums and output,
+    i.e. ``reference.hard`` of the spec whose weights pass through ``round_weight``.
     """
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
     tensors = [t for t in (node_weight, node_bias, a, b, leaf_w2, leaf_b2) if t is not None]
     if activation not in ACTIVATION_CODES or any(t.device.type != "cpu" for t in tensors):
         return None
     if len({t.dtype for t in tensors}) != 1 or node_weight.dtype not in DTYPES:
         return None
+    if weights == "bf16" and node_weight.dtype != torch.float32:
+        return None
     ext = load()
     if ext is None:
         return None
     return ext.Prepared(form == "leaf_mlp", node_weight, node_bias, a, b, leaf_w2, leaf_b2,
-                        ACTIVATION_CODES[activation], tie == "ge")
+                        ACTIVATION_CODES[activation], tie == "ge", weights == "bf16")

@@ -40,6 +40,10 @@ class FastTree:
     def _fast_config(self):
         raise NotImplementedError
 
+    def _fast_weights_mode(self):
+        """None (the weights as they are) or "bf16" (the handle keeps a bfloat16 copy: cpu_kernel.prepare)."""
+        return None
+
     def _fast_allowed(self) -> bool:
         """Whether forward computes the tree op at all in the current mode (e.g. eval only)."""
         return True
@@ -56,7 +60,7 @@ class FastTree:
         form, activation, tie, direct, weights = self._fast_config()
         weights = tuple(weights)
         padded = weights + (None,) * (6 - len(weights))
-        handle = cpu_kernel.prepare(form, *padded, activation, tie)
+        handle = cpu_kernel.prepare(form, *padded, activation, tie, weights=self._fast_weights_mode())
         object.__setattr__(self, "_fast", handle if handle is not None else False)
         object.__setattr__(self, "_fast_dtype", weights[0].dtype)
         object.__setattr__(self, "_fast_weights", weights)

@@ -14,14 +14,25 @@ the handle also keeps a packed copy of the node and output rows (the layer's siz
 rebuilt when either changes. ``__call__`` goes to the handle directly when no hook, compiled
 call or tracing is involved (saving nn.Module's call machinery); otherwise ``forward`` runs.
 The machinery is shared with ``fffcompile.nn.FFF`` / ``NeuronTree``: ``fast_path.FastTree``.
+
+weights="bf16" (``optimize(..., weights="bf16")``): the tree's weights are used rounded to
+bfloat16 (x, the sums and the output stay float32; form C's master leaf stays as trained). The
+Parameters stay float32; the C++ handle keeps a bfloat16 copy (half the weight traffic, which bounds
+the kernel at large batch), rebuilt when a parameter changes; every other path (autograd through
+the op, no kernel) runs the op on the weights rounded to bfloat16 and back, the same numbers up to
+float32 summation order. Gradients flow to the float32 parameters as if the rounding were the
+identity (straight through).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import activations
 from ..spec import FFFSpec
+from . import cpu_kernel
 from .fast_path import FastTree
 
 _WEIGHTS = ("node_weight", "node_bias", "leaf_w1", "leaf_b1", "leaf_w2", "leaf_b2", "out_weight", "out_bias",
@@ -31,8 +42,13 @@ _WEIGHTS = ("node_weight", "node_bias", "leaf_w1", "leaf_b1", "leaf_w2", "leaf_b
 class FusedFFF(FastTree, nn.Module):
     _FAST_WATCH = frozenset(_WEIGHTS)
 
-    def __init__(self, spec: FFFSpec, where: str = ""):
+    def __init__(self, spec: FFFSpec, where: str = "", weights: Optional[str] = None):
         super().__init__()
+        if weights not in cpu_kernel.WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {cpu_kernel.WEIGHT_MODES}, got {weights!r}")
+        if weights == "bf16" and spec.dtype != torch.float32:
+            raise ValueError(f"weights='bf16' needs float32 weights, the layer's are {spec.dtype}")
+        self.weights = weights
         self.form, self.depth, self.activation, self.tie = spec.form, spec.depth, spec.activation, spec.tie
         self.master_activation = spec.master_activation
         self.source, self.where = spec.source, where
@@ -47,6 +63,26 @@ class FusedFFF(FastTree, nn.Module):
                 if self.form == "leaf_mlp" else (self.node_weight, self.node_bias, self.out_weight, self.out_bias))
         return self.form, self.activation, self.tie, self.master_w1 is None, tree
 
+    def _fast_weights_mode(self):
+        return self.weights
+
+    def set_weights(self, weights: Optional[str]):
+        """Switch the weight mode (None: as trained; "bf16": the reduced-precision copy)."""
+        if weights not in cpu_kernel.WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {cpu_kernel.WEIGHT_MODES}, got {weights!r}")
+        if weights == "bf16" and self.node_weight.dtype != torch.float32:
+            raise ValueError(f"weights='bf16' needs float32 weights, the layer's are {self.node_weight.dtype}")
+        self.weights = weights
+        self._drop_fast()
+        return self
+
+    def _tree(self, name: str):
+        """A tree weight as the op uses it: rounded to bfloat16 and back with weights='bf16'."""
+        value = getattr(self, name)
+        if value is None or self.weights is None:
+            return value
+        return value + (cpu_kernel.round_weight(value.detach(), self.weights) - value.detach())  # straight through
+
     @property
     def spec(self) -> FFFSpec:
         tensors = {name: p.detach() for name, p in self.named_parameters(recurse=False)}
@@ -54,7 +90,8 @@ class FusedFFF(FastTree, nn.Module):
                        master_activation=self.master_activation, **tensors)
 
     def extra_repr(self) -> str:
-        return f"{self.spec.describe()}" + (f", from {self.where}" if self.where else "")
+        return (f"{self.spec.describe()}" + (f", weights {self.weights}" if self.weights else "")
+                + (f", from {self.where}" if self.where else ""))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._fast_tree(x)
@@ -66,15 +103,16 @@ class FusedFFF(FastTree, nn.Module):
             return k * y + (1 - k) * master
         weight_dtype = self.node_weight.dtype
         xw = x if x.dtype == weight_dtype else x.to(weight_dtype)
+        t = self._tree
         if self.form == "leaf_mlp":
-            y = torch.ops.fffcompile.leaf_mlp_tree(xw, self.node_weight, self.node_bias, self.leaf_w1, self.leaf_b1,
-                                                   self.leaf_w2, self.leaf_b2, self.activation, self.tie)
+            y = torch.ops.fffcompile.leaf_mlp_tree(xw, t("node_weight"), t("node_bias"), t("leaf_w1"), t("leaf_b1"),
+                                                   t("leaf_w2"), t("leaf_b2"), self.activation, self.tie)
             if self.master_w1 is not None:
                 master = activations.apply(self.master_activation, xw @ self.master_w1 + self.master_b1) @ self.master_w2 + self.master_b2
                 k = torch.sigmoid(self.master_logit.reshape(()))
                 y = k * y + (1 - k) * master
         else:
-            y = torch.ops.fffcompile.neuron_tree(xw, self.node_weight, self.node_bias, self.out_weight, self.out_bias,
+            y = torch.ops.fffcompile.neuron_tree(xw, t("node_weight"), t("node_bias"), t("out_weight"), t("out_bias"),
                                                  self.activation, self.tie)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

@@ -4,6 +4,10 @@
 //
 //   template <class S> struct VecFor { using type = ...; };   // storage type S -> vector traits
 //
+// The per-row functions are templated on the weights' storage type S and x / out's storage type XS
+// (XS = S, or float32 x / out with bfloat16 weights: the optional reduced-precision weight copy);
+// the subtree-blocked functions read x and y rows already in the accumulation type (GroupRows).
+//
 // A vector traits type V has: S (storage scalar), A (accumulation scalar: float for the 16-bit
 // types, else S), R (register), W (lanes), zero(), set1(A), load(const S*) (converting to A),
 // loadA(const A*), storeA(A*, R), fma(a, b, c) = a * b + c, add(a, b), hsum(R).
@@ -190,23 +194,23 @@ inline void gather_sum(typename V::A* y, const typename V::S* bias, const typena
 // ------------------------------------------------------------------------------------------- form A
 
 // Route rows [begin, end) to their leaves (leaf[r]), NR = 4 rows interleaved per level.
-template <class S>
+template <class S, class XS>
 void leaf_route(const LeafArgs& p, int64_t begin, int64_t end, int64_t* leaf) {
   using V = Vec<S>;
   using A = typename V::A;
-  const S* X = static_cast<const S*>(p.x);
+  const XS* X = static_cast<const XS*>(p.x);
   const S* NW = static_cast<const S*>(p.node_weight);
   const S* NB = static_cast<const S*>(p.node_bias);
   const int64_t d = p.d_in;
   const int64_t first_leaf = (int64_t(1) << p.depth) - 1;
-  std::vector<A> buf(std::is_same<S, A>::value ? 0 : 4 * d);
+  std::vector<A> buf(std::is_same<XS, A>::value ? 0 : 4 * d);
   for (int64_t r0 = begin; r0 < end; r0 += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, end - r0));
     const A* xr[4];
     const S* wr[4];
     int64_t node[4] = {0, 0, 0, 0};
     A z[4];
-    for (int r = 0; r < nr; ++r) xr[r] = row_as_acc<S, A>(X + (r0 + r) * d, d, buf.data() + r * d);
+    for (int r = 0; r < nr; ++r) xr[r] = row_as_acc<XS, A>(X + (r0 + r) * d, d, buf.data() + r * d);
     for (int r = nr; r < 4; ++r) xr[r] = xr[0];
     for (int level = 0; level < p.depth; ++level) {
       for (int r = 0; r < 4; ++r) wr[r] = NW + node[r < nr ? r : 0] * d;
@@ -224,18 +228,18 @@ void leaf_route(const LeafArgs& p, int64_t begin, int64_t end, int64_t* leaf) {
 }
 
 // Leaf MLPs for rows rows[0:count), all routed to leaf j: blocks of 4 rows share one pass over the weights.
-template <class S>
+template <class S, class XS>
 void leaf_apply(const LeafArgs& p, int64_t j, const int64_t* rows, int64_t count) {
   using V = Vec<S>;
   using A = typename V::A;
-  const S* X = static_cast<const S*>(p.x);
-  S* Y = static_cast<S*>(p.out);
+  const XS* X = static_cast<const XS*>(p.x);
+  XS* Y = static_cast<XS*>(p.out);
   const int64_t d = p.d_in, l = p.width, m = p.d_out;
   const S* W1 = static_cast<const S*>(p.leaf_w1) + j * d * l;
   const S* B1 = static_cast<const S*>(p.leaf_b1) + j * l;
   const S* W2 = p.leaf_w2 ? static_cast<const S*>(p.leaf_w2) + j * l * m : nullptr;
   const S* B2 = p.leaf_b2 ? static_cast<const S*>(p.leaf_b2) + j * m : nullptr;
-  constexpr bool same = std::is_same<S, A>::value;
+  constexpr bool same = std::is_same<XS, A>::value;
   std::vector<A> xbuf(same ? 0 : 4 * d), hbuf(4 * l), ybuf(same ? 0 : 4 * m);
   for (int64_t i = 0; i < count; i += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, count - i));
@@ -244,7 +248,7 @@ void leaf_apply(const LeafArgs& p, int64_t j, const int64_t* rows, int64_t count
     A* yr[4];
     for (int r = 0; r < nr; ++r) {
       const int64_t row = rows[i + r];
-      xr[r] = row_as_acc<S, A>(X + row * d, d, xbuf.data() + r * d);
+      xr[r] = row_as_acc<XS, A>(X + row * d, d, xbuf.data() + r * d);
       hr[r] = hbuf.data() + r * l;
       if constexpr (same) yr[r] = reinterpret_cast<A*>(Y + row * m);
       else yr[r] = ybuf.data() + r * m;
@@ -260,8 +264,8 @@ void leaf_apply(const LeafArgs& p, int64_t j, const int64_t* rows, int64_t count
     }
     if constexpr (!same)
       for (int r = 0; r < nr; ++r) {
-        S* out = Y + rows[i + r] * m;
-        for (int64_t o = 0; o < m; ++o) out[o] = static_cast<S>(yr[r][o]);
+        XS* out = Y + rows[i + r] * m;
+        for (int64_t o = 0; o < m; ++o) out[o] = static_cast<XS>(yr[r][o]);
       }
   }
 }
@@ -270,12 +274,12 @@ void leaf_apply(const LeafArgs& p, int64_t j, const int64_t* rows, int64_t count
 
 // Per block of up to 4 rows: descend every tree recording each path neuron's act(a) and its
 // output row, then write each row's output in one pass over all its path rows (gather_sum).
-template <class S>
+template <class S, class XS>
 void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
   using V = Vec<S>;
   using A = typename V::A;
-  const S* X = static_cast<const S*>(p.x);
-  S* Y = static_cast<S*>(p.out);
+  const XS* X = static_cast<const XS*>(p.x);
+  XS* Y = static_cast<XS*>(p.out);
   const S* NW = static_cast<const S*>(p.node_weight);
   const S* NB = static_cast<const S*>(p.node_bias);
   const S* OW = static_cast<const S*>(p.out_weight);
@@ -283,13 +287,13 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
   const int64_t d = p.d_in, m = p.d_out, n = p.nodes;
   const int64_t sw = p.w_stride, sv = p.v_stride;   // row strides: d and m, or d + m for the packed [W | V] layout
   const int64_t K = p.trees * (p.depth + 1);        // path neurons per row
-  constexpr bool same = std::is_same<S, A>::value;
+  constexpr bool same = std::is_same<XS, A>::value;
   std::vector<A> xbuf(same ? 0 : 4 * d), ybuf(same ? 0 : 4 * m), alpha(4 * K);
   std::vector<const S*> vrow(4 * K);
   for (int64_t r0 = begin; r0 < end; r0 += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, end - r0));
     const A* xr[4];
-    for (int r = 0; r < nr; ++r) xr[r] = row_as_acc<S, A>(X + (r0 + r) * d, d, xbuf.data() + r * d);
+    for (int r = 0; r < nr; ++r) xr[r] = row_as_acc<XS, A>(X + (r0 + r) * d, d, xbuf.data() + r * d);
     for (int r = nr; r < 4; ++r) xr[r] = xr[0];
     int64_t k = 0;
     for (int64_t t = 0; t < p.trees; ++t) {
@@ -322,8 +326,8 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
       A* y = same ? reinterpret_cast<A*>(Y + (r0 + r) * m) : ybuf.data() + r * m;
       gather_sum<V>(y, OB, vrow.data() + r * K, alpha.data() + r * K, K, m);
       if constexpr (!same) {
-        S* out = Y + (r0 + r) * m;
-        for (int64_t o = 0; o < m; ++o) out[o] = static_cast<S>(y[o]);
+        XS* out = Y + (r0 + r) * m;
+        for (int64_t o = 0; o < m; ++o) out[o] = static_cast<XS>(y[o]);
       }
     }
   }

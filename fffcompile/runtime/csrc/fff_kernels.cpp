@@ -7,7 +7,10 @@
 // CPU, each in its own namespace under `#pragma GCC target`; the instruction set is picked once at
 // run time (__builtin_cpu_supports). float32 and float64 run in their own type; bfloat16 and
 // float16 are widened to float32 on load (vectorised: shift / F16C), accumulated in float32 and
-// rounded once on store (reference.py's rule). The AVX-512 path is compiled wherever the compiler
+// rounded once on store (reference.py's rule). One mixed pair: float32 x / out with bfloat16 weights
+// (the optional reduced-precision weight copy, `Prepared(..., bf16=True)`, halving the weight traffic
+// that bounds the kernel): the weights are widened on load as above, x is read and out written in
+// float32, so it computes reference.hard of the spec whose weights are rounded to bfloat16. The AVX-512 path is compiled wherever the compiler
 // knows the target and runs where the CPU reports avx512f; the development machine (AMD Zen 3)
 // has none, so it has compiled but not yet run.
 //
@@ -56,6 +59,12 @@
 // (same machine, load average 3.9-5.4) measured fffcompile at UFB 56 us / 567 us / 4.1 ms / 15.0
 // ms and form A 16 us / 1.24 ms / 6.0 ms / 18.1 ms at batch 1 / 128 / 1024 / 4096, one thread; two
 // threads could not be shown faster there (the second core was busy with the other jobs).
+// bfloat16 weight copy (float32 x / out), same machine, load average 2.6-2.9, two runs of
+// `fffcompile bench --shapes ufb leaf --batches 1 128 1024 4096 --threads 1 --methods dense --rounds 11
+// --budget 8 --plot none` (noisy, +-10-20% per point), float32 vs bf16 weights, one thread:
+// UFB 10.9 / 396 / 3640 / 12440 us vs 8.1 / 276 / 2880 / 11230 us; form A 12.7 / 1120 / 4190 / 11270 us
+// vs 10.4 / 626 / 2920 / 9940 us at batch 1 / 128 / 1024 / 4096: 1.1-1.8x, most where the weight
+// rows stream once per row (form A's leaf MLPs at batch 128), least on the subtree path at 4096.
 
 #include <torch/extension.h>
 #include <ATen/EmptyTensor.h>
@@ -284,7 +293,7 @@ const char* isa_name(int isa) {
   return isa == ISA_AVX512 ? "avx512" : isa == ISA_AVX2 ? "avx2" : "scalar";
 }
 
-template <class S>
+template <class S, class XS>
 struct Kernels {
   void (*route)(const LeafArgs&, int64_t, int64_t, int64_t*);
   void (*apply)(const LeafArgs&, int64_t, const int64_t*, int64_t);
@@ -295,15 +304,15 @@ struct Kernels {
   void (*neuron_subtree)(const NeuronArgs&, const GroupCtx&, int64_t, const int32_t*, int32_t);
 };
 
-template <class S>
-Kernels<S> kernels_for(int isa) {
+template <class S, class XS>
+Kernels<S, XS> kernels_for(int isa) {
 #if FFF_X86
-  if (isa == ISA_AVX512) return {avx512_isa::leaf_route<S>, avx512_isa::leaf_apply<S>, avx512_isa::neuron_rows<S>, 
+  if (isa == ISA_AVX512) return {avx512_isa::leaf_route<S, XS>, avx512_isa::leaf_apply<S, XS>, avx512_isa::neuron_rows<S, XS>, 
           avx512_isa::leaf_top<S>, avx512_isa::leaf_subtree<S>, avx512_isa::neuron_top<S>, avx512_isa::neuron_subtree<S>};
-  if (isa == ISA_AVX2) return {avx2_isa::leaf_route<S>, avx2_isa::leaf_apply<S>, avx2_isa::neuron_rows<S>, 
+  if (isa == ISA_AVX2) return {avx2_isa::leaf_route<S, XS>, avx2_isa::leaf_apply<S, XS>, avx2_isa::neuron_rows<S, XS>, 
           avx2_isa::leaf_top<S>, avx2_isa::leaf_subtree<S>, avx2_isa::neuron_top<S>, avx2_isa::neuron_subtree<S>};
 #endif
-  return {scalar_isa::leaf_route<S>, scalar_isa::leaf_apply<S>, scalar_isa::neuron_rows<S>, 
+  return {scalar_isa::leaf_route<S, XS>, scalar_isa::leaf_apply<S, XS>, scalar_isa::neuron_rows<S, XS>, 
           scalar_isa::leaf_top<S>, scalar_isa::leaf_subtree<S>, scalar_isa::neuron_top<S>, scalar_isa::neuron_subtree<S>};
 }
 
@@ -408,10 +417,10 @@ struct GroupRows {
   }
 };
 
-template <class S>
-void neuron_subtrees(const NeuronArgs& p, const Kernels<S>& k) {
+template <class S, class XS>
+void neuron_subtrees(const NeuronArgs& p, const Kernels<S, XS>& k) {
   const int64_t rows = p.rows, m = p.d_out;
-  GroupRows<S> g(p.x, p.out, rows, p.d_in, m);
+  GroupRows<XS> g(p.x, p.out, rows, p.d_in, m);
   const int split = split_level(rows, p.depth);
   const int64_t first = (int64_t(1) << split) - 1, buckets = int64_t(1) << split;
   for (int64_t t = 0; t < p.trees; ++t) {
@@ -428,10 +437,10 @@ void neuron_subtrees(const NeuronArgs& p, const Kernels<S>& k) {
 }
 
 // Form A's routing on the subtree-blocked path: leaf[row] for every row.
-template <class S>
-void route_subtrees(const LeafArgs& p, const Kernels<S>& k, int64_t* leaf) {
+template <class S, class XS>
+void route_subtrees(const LeafArgs& p, const Kernels<S, XS>& k, int64_t* leaf) {
   const int64_t rows = p.rows;
-  GroupRows<S> g(p.x, nullptr, rows, p.d_in, 0);
+  GroupRows<XS> g(p.x, nullptr, rows, p.d_in, 0);
   const int split = split_level(rows, p.depth - 1);
   const int64_t first = (int64_t(1) << split) - 1, buckets = int64_t(1) << split;
   const GroupCtx c{g.xr.data(), nullptr, g.node.data(), 0, split, rows};
@@ -444,9 +453,9 @@ void route_subtrees(const LeafArgs& p, const Kernels<S>& k, int64_t* leaf) {
   });
 }
 
-template <class S>
+template <class S, class XS = S>
 void run_leaf(const LeafArgs& p, int isa) {
-  const Kernels<S> k = kernels_for<S>(isa);
+  const Kernels<S, XS> k = kernels_for<S, XS>(isa);
   const int64_t rows = p.rows;
   const int64_t n_leaves = int64_t(1) << p.depth;
   if (rows <= 4) {  // a few rows: route and run each leaf directly, no sort
@@ -458,7 +467,7 @@ void run_leaf(const LeafArgs& p, int isa) {
   std::vector<int64_t> leaf(rows);
   const int64_t route_macs = std::max<int64_t>(1, p.depth * p.d_in);
   if (rows >= g_group_min_a && rows < kMaxGroupRows && p.depth >= 1)
-    route_subtrees<S>(p, k, leaf.data());
+    route_subtrees<S, XS>(p, k, leaf.data());
   else
     parallel_chunks(rows, row_chunk(route_macs), [&](int64_t b, int64_t e) { k.route(p, b, e, leaf.data() + b); });
   // Counting sort of rows by leaf.
@@ -487,11 +496,11 @@ void run_leaf(const LeafArgs& p, int isa) {
   });
 }
 
-template <class S>
+template <class S, class XS = S>
 void run_neuron(const NeuronArgs& p, int isa) {
-  const Kernels<S> k = kernels_for<S>(isa);
+  const Kernels<S, XS> k = kernels_for<S, XS>(isa);
   if (p.rows >= g_group_min_b && p.rows < kMaxGroupRows) {
-    neuron_subtrees<S>(p, k);
+    neuron_subtrees<S, XS>(p, k);
     return;
   }
   const int64_t macs = std::max<int64_t>(1, p.trees * (p.depth + 1) * (p.d_in + p.d_out));
@@ -503,9 +512,19 @@ void check_float(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
 }
 
+// x's dtype against the weights': the same, or float32 x with bfloat16 weights (the reduced-precision
+// weight copy: x, the accumulation and the output stay float32). One error for every other pair.
+void check_x(const at::Tensor& x, at::ScalarType weights) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == weights || (x.scalar_type() == at::kFloat && weights == at::kBFloat16),
+              "x has dtype ", x.scalar_type(), " and the weights ", weights,
+              ": x must have the weights' dtype, or be float32 with bfloat16 weights");
+}
+
 int resolve_isa(int64_t isa) { return isa < 0 ? g_isa : std::min<int>(static_cast<int>(isa), g_isa); }
 
-// x (..., d_in) -> (..., d_out); every tensor of one dtype (float32/64, bfloat16, float16).
+// x (..., d_in) -> (..., d_out); every weight of one dtype (float32/64, bfloat16, float16), x of that
+// dtype too, or float32 with bfloat16 weights (out float32: the reduced-precision weight copy).
 at::Tensor leaf_mlp_tree(const at::Tensor& x, const at::Tensor& node_weight, const at::Tensor& node_bias,
                          const at::Tensor& leaf_w1, const at::Tensor& leaf_b1, const c10::optional<at::Tensor>& leaf_w2,
                          const c10::optional<at::Tensor>& leaf_b2, int64_t act, bool tie_ge, int64_t isa) {
@@ -518,7 +537,7 @@ at::Tensor leaf_mlp_tree(const at::Tensor& x, const at::Tensor& node_weight, con
   TORCH_CHECK(!mlp || (leaf_b2.has_value() && leaf_b2->defined()), "leaf_b2 is required with leaf_w2");
   TORCH_CHECK(mlp || !(leaf_b2.has_value() && leaf_b2->defined()), "leaf_b2 must be None without leaf_w2");
   if (mlp) { w2 = leaf_w2->contiguous(); b2 = leaf_b2->contiguous(); check_float(w2, dtype, "leaf_w2"); check_float(b2, dtype, "leaf_b2"); }
-  check_float(x, dtype, "x");
+  check_x(x, dtype);
   check_float(node_bias, dtype, "node_bias");
   check_float(leaf_w1, dtype, "leaf_w1");
   check_float(leaf_b1, dtype, "leaf_b1");
@@ -549,7 +568,10 @@ at::Tensor leaf_mlp_tree(const at::Tensor& x, const at::Tensor& node_weight, con
     switch (dtype) {
       case at::kFloat: run_leaf<float>(p, chosen); break;
       case at::kDouble: run_leaf<double>(p, chosen); break;
-      case at::kBFloat16: run_leaf<c10::BFloat16>(p, chosen); break;
+      case at::kBFloat16:
+        if (x.scalar_type() == at::kFloat) run_leaf<c10::BFloat16, float>(p, chosen);
+        else run_leaf<c10::BFloat16>(p, chosen);
+        break;
       case at::kHalf: run_leaf<c10::Half>(p, chosen); break;
       default: TORCH_CHECK(false, "unsupported dtype ", dtype);
     }
@@ -564,7 +586,7 @@ at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const
   TORCH_CHECK(node_weight.dim() == 3 && node_weight.size(2) >= 1, "node_weight must be (P, 2^(D+1) - 1, d_in) with d_in >= 1");
   const int64_t d_in = node_weight.size(2);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d_in, "input has last dim ", x.dim() ? x.size(-1) : 0, ", the FFF expects d_in = ", d_in);
-  check_float(x, dtype, "x");
+  check_x(x, dtype);
   check_float(node_bias, dtype, "node_bias");
   check_float(out_weight, dtype, "out_weight");
   check_float(out_bias, dtype, "out_bias");
@@ -598,7 +620,10 @@ at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const
     switch (dtype) {
       case at::kFloat: run_neuron<float>(p, chosen); break;
       case at::kDouble: run_neuron<double>(p, chosen); break;
-      case at::kBFloat16: run_neuron<c10::BFloat16>(p, chosen); break;
+      case at::kBFloat16:
+        if (x.scalar_type() == at::kFloat) run_neuron<c10::BFloat16, float>(p, chosen);
+        else run_neuron<c10::BFloat16>(p, chosen);
+        break;
       case at::kHalf: run_neuron<c10::Half>(p, chosen); break;
       default: TORCH_CHECK(false, "unsupported dtype ", dtype);
     }
@@ -618,23 +643,56 @@ struct Prepared {
   c10::optional<at::Tensor> w2, b2;   // form A only
   int64_t act;
   bool tie_ge;
+  bool bf16 = false;                  // run on a bfloat16 copy of the weights (x, sums and out stay float32)
   at::Tensor packed;
   int64_t packed_versions[2] = {-1, -1};
   const void* packed_ptrs[2] = {nullptr, nullptr};
+  at::Tensor copies[6];               // bf16: the weights rounded once, rebuilt when a source changes
+  int64_t copy_versions[6] = {-1, -1, -1, -1, -1, -1};
+  const void* copy_ptrs[6] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+
+  void refresh_copies() {
+    const at::Tensor* src[6] = {&nw, &nb, &a, &b, w2 && w2->defined() ? &*w2 : nullptr, b2 && b2->defined() ? &*b2 : nullptr};
+    bool stale = false;
+    for (int i = 0; i < 6 && !stale; ++i)
+      if (src[i] && (!copies[i].defined() || src[i]->_version() != copy_versions[i] || src[i]->data_ptr() != copy_ptrs[i] ||
+                     !copies[i].sizes().equals(src[i]->sizes())))
+        stale = true;
+    if (!stale) return;
+    for (int i = 0; i < 6; ++i) {
+      if (!src[i]) { copies[i] = at::Tensor(); continue; }
+      copies[i] = src[i]->to(at::kBFloat16).contiguous().clone();  // clone: never an alias of a bf16 source
+      copy_versions[i] = src[i]->_version();
+      copy_ptrs[i] = src[i]->data_ptr();
+    }
+    packed = at::Tensor();  // the copies are new tensors: repack
+  }
 
   at::Tensor call(const at::Tensor& x) {
-    if (leaf) return leaf_mlp_tree(x, nw, nb, a, b, w2, b2, act, tie_ge, -1);
-    if (nw.dim() == 3 && a.dim() == 3 && nw.scalar_type() == a.scalar_type() && x.scalar_type() == nw.scalar_type()) {
-      if (!packed.defined() || nw._version() != packed_versions[0] || a._version() != packed_versions[1] ||
-          nw.data_ptr() != packed_ptrs[0] || a.data_ptr() != packed_ptrs[1] || packed.scalar_type() != nw.scalar_type() ||
-          packed.size(0) != nw.size(0) || packed.size(1) != nw.size(1) || packed.size(2) != nw.size(2) + a.size(2)) {
-        packed = at::cat({nw, a}, 2).contiguous();
-        packed_versions[0] = nw._version(); packed_versions[1] = a._version();
-        packed_ptrs[0] = nw.data_ptr(); packed_ptrs[1] = a.data_ptr();
-      }
-      return neuron_tree(x, nw, nb, a, b, act, tie_ge, -1, packed);
+    if (bf16) refresh_copies();
+    const at::Tensor& NW = bf16 ? copies[0] : nw;
+    const at::Tensor& NB = bf16 ? copies[1] : nb;
+    const at::Tensor& A = bf16 ? copies[2] : a;
+    const at::Tensor& B = bf16 ? copies[3] : b;
+    if (leaf) {
+      if (!bf16) return leaf_mlp_tree(x, nw, nb, a, b, w2, b2, act, tie_ge, -1);
+      c10::optional<at::Tensor> W2, B2;
+      if (copies[4].defined()) W2 = copies[4];
+      if (copies[5].defined()) B2 = copies[5];
+      return leaf_mlp_tree(x, NW, NB, A, B, W2, B2, act, tie_ge, -1);
     }
-    return neuron_tree(x, nw, nb, a, b, act, tie_ge, -1);
+    const bool dtypes_ok = x.scalar_type() == NW.scalar_type() || (x.scalar_type() == at::kFloat && NW.scalar_type() == at::kBFloat16);
+    if (NW.dim() == 3 && A.dim() == 3 && NW.scalar_type() == A.scalar_type() && dtypes_ok) {
+      if (!packed.defined() || NW._version() != packed_versions[0] || A._version() != packed_versions[1] ||
+          NW.data_ptr() != packed_ptrs[0] || A.data_ptr() != packed_ptrs[1] || packed.scalar_type() != NW.scalar_type() ||
+          packed.size(0) != NW.size(0) || packed.size(1) != NW.size(1) || packed.size(2) != NW.size(2) + A.size(2)) {
+        packed = at::cat({NW, A}, 2).contiguous();
+        packed_versions[0] = NW._version(); packed_versions[1] = A._version();
+        packed_ptrs[0] = NW.data_ptr(); packed_ptrs[1] = A.data_ptr();
+      }
+      return neuron_tree(x, NW, NB, A, B, act, tie_ge, -1, packed);
+    }
+    return neuron_tree(x, NW, NB, A, B, act, tie_ge, -1);
   }
 };
 
@@ -650,11 +708,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("act"), py::arg("tie_ge"), py::arg("isa") = -1, py::arg("packed") = py::none());
   py::class_<fff::Prepared>(m, "Prepared", py::module_local(), "one layer's weights, held for repeated calls: prepared(x) -> y")
       .def(py::init([](bool leaf, at::Tensor nw, at::Tensor nb, at::Tensor a, at::Tensor b, c10::optional<at::Tensor> w2,
-                       c10::optional<at::Tensor> b2, int64_t act, bool tie_ge) {
-             return fff::Prepared{leaf, nw, nb, a, b, w2, b2, act, tie_ge};
+                       c10::optional<at::Tensor> b2, int64_t act, bool tie_ge, bool bf16) {
+             return fff::Prepared{leaf, nw, nb, a, b, w2, b2, act, tie_ge, bf16};
            }),
            py::arg("leaf"), py::arg("node_weight"), py::arg("node_bias"), py::arg("a"), py::arg("b"), py::arg("leaf_w2"),
-           py::arg("leaf_b2"), py::arg("act"), py::arg("tie_ge"))
+           py::arg("leaf_b2"), py::arg("act"), py::arg("tie_ge"), py::arg("bf16") = false)
       .def("__call__", &fff::Prepared::call, py::arg("x"));
   m.def("_tune", [](int child_mode, int child_mode_a) { fff::g_child_mode = child_mode; fff::g_child_mode_a = child_mode_a; },
         "set tuning knobs (experiments only)");
