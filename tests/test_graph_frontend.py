@@ -395,3 +395,29 @@ def test_a_layer_rewritten_by_one_frontend_is_not_also_reported_as_left():
     fast = fffcompile.optimize(_BroadcastBiasTree().eval(), (torch.randn(4, 16),))
     assert [(r.frontend, r.where) for r in fast.report.rewritten] == [("fx", "(the model itself)")]
     assert fast.report.left == []
+
+
+SOFT_STYLES = {"packed": G.Packed, "unrolled": G.Unrolled, "leaf_major": G.LeafMajor, "table": G.Table,
+               "logsigmoid": G.LogSigmoid, "path_matrix": G.PathMatrix, "softplus_softmax": G.SoftplusSoftmax,
+               "threshold": G.Threshold}
+
+
+@pytest.mark.parametrize("by_gradients", [True, False])
+@pytest.mark.parametrize("style", sorted(SOFT_STYLES))
+def test_soft_mixing_read_by_gradients_or_by_probe_rows(style, by_gradients, monkeypatch):
+    """The leaves' output weights, their owners and b2 read by three backward passes (linear in the
+    graph size) or one probe row per hidden unit (quadratic): the same, true spec either way."""
+    import fffcompile.passes.graph_extract as E
+    monkeypatch.setattr(E, "GRADIENT_ROWS_FACTOR", 0 if by_gradients else 10 ** 9)
+    calls = []
+    original = E._mixing_by_gradients
+    monkeypatch.setattr(E, "_mixing_by_gradients", lambda *a: calls.append(original(*a)) or calls[-1])
+    spec = make_spec(depth=3, d_in=D, d_out=5, leaf_width=3, activation="gelu", seed=11)
+    x = torch.randn(4, 3, D)
+    captured = capture(SOFT_STYLES[style](spec).eval(), (x,))
+    _, outcomes = analyse(captured.module, (x,), {})
+    confirmed = [o for *_, o in outcomes if isinstance(o, GraphConfirmed)]
+    assert len(confirmed) == 1, [o.reason for *_, o in outcomes if not isinstance(o, GraphConfirmed)]
+    assert bool(calls) == by_gradients and all(read is not None for read in calls)     # no fallback taken
+    got = confirmed[0].spec
+    assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4), (style, got.describe())
