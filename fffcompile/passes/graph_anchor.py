@@ -127,14 +127,20 @@ def _data_input(facts: GraphFacts, z: fx.Node) -> "fx.Node | None":
 def find_candidates(facts: GraphFacts) -> list[Candidate]:
     groups: dict[tuple[fx.Node, str], list[fx.Node]] = {}
     hard = []
+    found = []
     for n in facts.nodes:
         if not facts.depends.get(n):
             continue
         z, kind = _decision_arg(facts, n)
         if z is None or not facts.depends[z] or is_float_tensor(z) is False:
             continue
+        found.append((n, z, kind))
+    # a logit that reads earlier decisions (node weights gathered by the index recurrence), even
+    # through a squeeze, is traced back to its data input rather than taken as an input itself
+    after = facts.value_descendants([n for n, _, kind in found if kind == "hard"])
+    for n, z, kind in found:
         x = facts.affine_source[z]
-        if x is None or x is z:
+        if x is None or x is z or (kind == "hard" and x in after):
             if kind == "hard":
                 hard.append(n)
             continue

@@ -17,6 +17,7 @@ anchored again. Nothing found: the model comes back as it was (not as a graph). 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Optional
@@ -34,6 +35,7 @@ from .graph_confirm import GraphConfirmed, GraphRefused, confirm
 from .graph_cutout import ConstantCache, Cutout, NotAFunctionOfX
 from .graph_extract import extract_hard_leaf_mlp, extract_leaf_mlp, extract_neuron_tree
 from .graph_rewrite import hardened_original, rewrite
+from .graph_rowloop import row_program
 
 HARDENED_ATTRIBUTE = "_fffcompile_graph_hardened"
 
@@ -94,6 +96,7 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
             if found is not None:
                 break
             continue
+        runner, judged = cut, cand        # what confirmation runs: the cut-out, or its per-row program
         try:
             if cand.kind == "soft":
                 specs = extract_leaf_mlp(facts, cand, cut, d_in, seed)
@@ -104,6 +107,12 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
                     hard_a = extract_hard_leaf_mlp(facts, cand, cut, d_in, seed)
                     specs = [hard_a] if not isinstance(hard_a, str) else \
                         f"as a neuron tree: {specs}; as a descending form A tree: {hard_a}"
+                if isinstance(specs, str):
+                    looped = _per_row_loop(facts, cand, cut, d_in, seed)
+                    if isinstance(looped, str):
+                        specs = f"{specs}; as a per-row loop: {looped}"
+                    else:
+                        (runner, judged), specs = looped[:2], [looped[2]]
         except Exception as error:  # a third-party graph op the extractor cannot evaluate on probe rows
             specs = f"extraction failed at {y.name} ({type(error).__name__}: {error})"
         if isinstance(specs, str):
@@ -112,7 +121,7 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
                 break
             continue
         for spec in _guarded(specs, y, refusals := []):
-            outcome = confirm(cand, cut, spec, x_rows, seed)
+            outcome = confirm(judged, runner, spec, x_rows, seed)
             if isinstance(outcome, GraphConfirmed):
                 found = (cand, cut, y, outcome)
                 break
@@ -125,6 +134,21 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
     if found is not None:
         return _extend_through_views(facts, *found)
     return cand, None, None, best
+
+
+def _per_row_loop(facts, cand: Candidate, cut: Cutout, d_in: int, seed: int):
+    """A descending form A tree unrolled over the example's rows: (row program, candidate on row 0's
+    decisions, spec) or the reason it is not one. All rows are read at once (row r's copies given
+    row r's values); confirmation then runs every row's copy against the one spec."""
+    program = row_program(cut)
+    if isinstance(program, str):
+        return program
+    kept = set(program.nodes)
+    row_cand = dataclasses.replace(cand, decisions=[d for d in cand.decisions if d in kept], outputs=[])
+    spec = extract_hard_leaf_mlp(facts, row_cand, program, d_in, seed)
+    if isinstance(spec, str):
+        return spec
+    return program, row_cand, spec
 
 
 def _extend_through_views(facts, cand, cut, y, outcome):
