@@ -157,16 +157,85 @@ def test_static_capture_whose_batch_equals_a_tree_size(case, batch):
     assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4), (case, got.describe())
 
 
-def test_per_row_loop_is_left_with_a_clear_reason():
+def _counts(gm, names):
+    ops = op_names(gm)
+    return {name: ops.count(name) for name in names}
+
+
+_OUTSIDE = ("layer_norm.default", "linear.default", "scaled_dot_product_attention.default", "mean.dim")
+
+
+def test_per_row_loop_is_rewritten_batch_generic():
+    """A descent written per row in Python, unrolled by the capture for the example's 6 rows:
+    one spec for all rows, one fused call over the input, the loop's nodes gone, other sizes run."""
     spec = _spec("hard_index", depth=2, activation="relu")
-    layer = G.RowLoop(spec).eval()
+    model = TinyTransformer(D, [G.RowLoop(spec)]).eval()
     x = torch.randn(2, 3, D)
     with torch.no_grad():
-        assert rel_err(layer(x), reference.hard(spec, x)) < 1e-5     # the fixture is the spec's hard form
-    fast = fffcompile.optimize(layer, x, frontends=("graph",))
-    assert not fast.report.rewritten
+        assert rel_err(G.RowLoop(spec)(x), reference.hard(spec, x)) < 1e-5     # the fixture is the spec's hard form
+    captured = capture(model, (x,)).module
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert [(r.form, r.depth, r.source, r.where) for r in fast.report.rewritten] == [("A", 2, "hard", "blocks.0.ff")]
+    assert fast.report.left == []
+    assert len(fused_calls(fast)) == 1
+    names = op_names(fast)
+    assert not any(n in names for n in ("ge.Scalar", "stack.default", "index_select.default", "zeros.default"))
+    assert _counts(fast, _OUTSIDE) == _counts(captured, _OUTSIDE)            # the rest of the graph untouched
+    got = fast.get_submodule(fused_calls(fast)[0].target).spec
+    assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4)
+    oracle = copy.deepcopy(model)
+    oracle.blocks[0].ff = Reference(spec)
+    for shape in ((2, 3, D), (4, 5, D), (1, 1, D)):
+        x2 = torch.randn(*shape)
+        with torch.no_grad():
+            assert rel_err(fast(x2), oracle(x2)) < 1e-4
+    assert fast.report.model_check["exactness vs the hardened original"].passed
+
+
+def test_fastfeedforward_package_eval_forward_with_int_depth():
+    """The shipped package's eval forward: a batched descent (index_select, bmm, >=, index
+    arithmetic) then a Python loop over the rows for the leaves (``.item()`` leaf index, w1s/b1s/w2s,
+    written into torch.empty): rewritten to one fused call; b2s omitted as the package omits it."""
+    import fastfeedforward
+    layer = fastfeedforward.FFF(D, 4, D, depth=3)
+    depth = int(layer.depth.item())
+    del layer.depth
+    layer.depth = _PlainDepth(depth)
+    model = TinyTransformer(D, [layer]).eval()
+    x = torch.randn(2, 3, D)
+    captured = capture(model, (x,)).module
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert [(r.form, r.depth, r.source, r.where) for r in fast.report.rewritten] == [("A", 3, "hard", "blocks.0.ff")]
+    assert len(fused_calls(fast)) == 1
+    names = op_names(fast)
+    assert not any(n in names for n in ("ge.Scalar", "item.default", "bmm.default", "select_scatter.default", "index_select.default"))
+    assert _counts(fast, _OUTSIDE) == _counts(captured, _OUTSIDE)
+    got = fast.get_submodule(fused_calls(fast)[0].target).spec
+    truth = FFFSpec("leaf_mlp", 3, "relu", layer.node_weights.detach(), layer.node_biases.detach()[:, 0],
+                    layer.w1s.detach(), layer.b1s.detach(), layer.w2s.detach(), torch.zeros_like(layer.b2s.detach()),
+                    source=got.source)
+    assert got.same_as(truth, atol=2e-5, rtol=2e-4)
+    oracle = copy.deepcopy(model)
+    oracle.blocks[0].ff = Reference(truth)
+    for shape in ((2, 3, D), (4, 5, D), (1, 1, D)):
+        x2 = torch.randn(*shape)
+        with torch.no_grad():
+            assert rel_err(fast(x2), oracle(x2)) < 1e-4
+            assert rel_err(fast(x2), model(x2)) < 1e-4          # the package's own eval forward, any batch
+
+
+def test_per_row_loop_whose_rows_differ_is_left():
+    """Same op sequence per row, but odd rows scale their output: not one program, left alone."""
+    spec = _spec("hard_index", depth=2, activation="relu")
+    model = TinyTransformer(D, [G.RowLoop(spec, uneven=True)]).eval()
+    x = torch.randn(2, 3, D)
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert fast.report.rewritten == []
+    assert not isinstance(fast, torch.fx.GraphModule)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
     reasons = " ".join(left.reason for left in fast.report.left)
-    assert "a loop over the example's rows" in reasons, reasons
+    assert "does not reproduce" in reasons or "per-row loop" in reasons, reasons
 
 
 def test_master_leaf_tree_rewritten_blend_kept():

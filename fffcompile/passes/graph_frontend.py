@@ -123,6 +123,8 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
         for spec in _guarded(specs, y, refusals := []):
             outcome = confirm(judged, runner, spec, x_rows, seed)
             if isinstance(outcome, GraphConfirmed):
+                if runner is not cut:
+                    outcome = dataclasses.replace(outcome, per_row_loop=True)
                 found = (cand, cut, y, outcome)
                 break
             best = _better(best, outcome)
@@ -134,6 +136,17 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
     if found is not None:
         return _extend_through_views(facts, *found)
     return cand, None, None, best
+
+
+def _drop_shape_guards(gm: fx.GraphModule) -> bool:
+    """Remove torch.export's input-shape guard call (``_guards_fn``): the guards a rewritten
+    per-row loop imposed (batch == the example's) would otherwise refuse every other batch."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn" and not n.users]
+    for n in calls:
+        gm.graph.erase_node(n)
+    if calls:
+        gm.recompile()
+    return bool(calls)
 
 
 def _per_row_loop(facts, cand: Candidate, cut: Cutout, d_in: int, seed: int):
@@ -241,6 +254,11 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
     if not confirmed:
         return work
     result = rewrite(gm, confirmed)
+    if any(getattr(o, "per_row_loop", False) for *_, o in outcomes) and captured.how == "export (dynamic)":
+        dropped = _drop_shape_guards(result)
+        if dropped:
+            report.notes.append("graph frontend: a per-row loop specialised the capture to the example's batch; its "
+                                "shape guards are dropped with it (the rest of the graph is symbolic)")
     object.__setattr__(result, HARDENED_ATTRIBUTE, (hardened_original(gm, confirmed),))
     report.notes.append(f"graph frontend: {len(confirmed)} rewrite(s) in {time.perf_counter() - started:.2f} s")
     return result
