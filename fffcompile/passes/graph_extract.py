@@ -11,7 +11,9 @@ on chosen rows, with chosen intermediate values overridden (``Cutout.run_rows``)
   unit vector e_c, y is affine in the activations: its coefficients are W2 / 2^D for each
   hidden unit. Overriding the logits with random values instead scales each unit's row by its
   leaf's weight mu_j, which tells which leaf each unit belongs to, whatever the layout.
-  b2_j: activations 0, logits forced (+-T, hardened) along leaf j's path. Leaves without an
+  b2_j: activations 0, logits forced (+-T, hardened) along leaf j's path. For many hidden
+  units the same coefficients are read by backward passes instead (``_mixing_by_gradients``:
+  three passes over d_out rows, linear in the leaf count where one row per unit is quadratic); Leaves without an
   activation (linear leaves): per leaf, x = 0 and e_i with the path forced;
 - form B: node weights as above; for each neuron column c, activations e_c with the logits
   forced along a path through c (level-uniform signs, so no topology is assumed beyond heap

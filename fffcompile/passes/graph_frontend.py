@@ -7,7 +7,8 @@ Pipeline, one concept per module:
 3. ``graph_anchor``: decisions (sigmoid / log-sigmoid / comparisons of logits affine in an
    input x) grouped by x; post-dominating outputs that also read a leaf side;
 4. ``graph_cutout``: the candidate x -> y as its own program (constants evaluated once);
-5. ``graph_extract``: the FFFSpec read off by evaluating the cut-out on chosen rows;
+5. ``graph_extract``: the FFFSpec read off by evaluating the cut-out on chosen rows
+   (``graph_rowloop``: a descent unrolled over the example's rows is read as one row program);
 6. ``graph_confirm``: the spec's reference against the hardened cut-out on probe rows;
 7. ``graph_rewrite``: FusedFFF calls in a copy of the graph; the rest untouched.
 
@@ -230,6 +231,7 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
         return work
     confirmed = []
     taken: set = set()
+    looped = False          # a per-row loop among the rewritten: its shape guards go with it
     for cand, cut, y, outcome in outcomes:
         where = cand.where
         if isinstance(outcome, GraphConfirmed) and taken.intersection(cut.nodes):
@@ -243,6 +245,7 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
                                            f"min_leaf_agreement={min_leaf_agreement:.1%}; kept soft", frontend="fx"))
             continue
         confirmed.append((cand, cut, y, spec, where))
+        looped = looped or outcome.per_row_loop
         taken.update(cut.nodes)
         report.rewritten.append(Rewritten(
             where=where, form=spec.form_letter, depth=spec.depth, trees=spec.trees, d_in=spec.d_in, d_out=spec.d_out,
@@ -254,7 +257,7 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
     if not confirmed:
         return work
     result = rewrite(gm, confirmed)
-    if any(getattr(o, "per_row_loop", False) for *_, o in outcomes) and captured.how == "export (dynamic)":
+    if looped and captured.how == "export (dynamic)":
         dropped = _drop_shape_guards(result)
         if dropped:
             report.notes.append("graph frontend: a per-row loop specialised the capture to the example's batch; its "
