@@ -474,3 +474,15 @@ STYLES_A = {"packed": Packed, "unrolled": Unrolled, "leaf_major": LeafMajor, "ta
             "threshold": Threshold}
 STYLES_HARD_A = {"hard_index": HardIndex, "hard_dense": HardDense}
 STYLES_B = {"ultrafast": UltraFast, "one_hot": OneHot}
+
+
+class SharedInput(nn.Module):
+    """Two FFF layers of their own styles reading the same input tensor, their outputs summed
+    (a parallel block): two trees, two candidates."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x):
+        return self.first(x) + self.second(x)

@@ -490,3 +490,28 @@ def test_soft_mixing_read_by_gradients_or_by_probe_rows(style, by_gradients, mon
     assert bool(calls) == by_gradients and all(read is not None for read in calls)     # no fallback taken
     got = confirmed[0].spec
     assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4), (style, got.describe())
+
+
+def test_two_trees_reading_the_same_input_are_two_rewrites():
+    """Decisions on one input split into the trees whose mixtures read them: both found, each exact."""
+    s1 = make_spec(depth=3, d_in=D, d_out=D, activation="gelu", seed=1)
+    s2 = make_spec(depth=2, d_in=D, d_out=D, activation="relu", seed=2)
+    model = TinyTransformer(D, [G.SharedInput(G.Table(s1), G.Packed(s2))]).eval()
+    x = torch.randn(2, 3, D)
+    captured = capture(model, (x,)).module
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert [(r.depth, r.where) for r in fast.report.rewritten] == [(3, "blocks.0.ff.first"), (2, "blocks.0.ff.second")]
+    assert fast.report.left == []
+    calls = fused_calls(fast)
+    assert len(calls) == 2 and "sigmoid.default" not in op_names(fast)
+    before, after = _counts(captured, _OUTSIDE), _counts(fast, _OUTSIDE)
+    assert after == {**before, "linear.default": before["linear.default"] - 1}    # only the Table's router Linear went
+    for call, spec in zip(calls, (s1, s2)):
+        got = fast.get_submodule(call.target).spec
+        assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4)
+    oracle = copy.deepcopy(model)
+    oracle.blocks[0].ff = G.SharedInput(Reference(s1), Reference(s2))
+    for shape in ((2, 3, D), (4, 5, D), (1, 1, D)):
+        x2 = torch.randn(*shape)
+        with torch.no_grad():
+            assert rel_err(fast(x2), oracle(x2)) < 1e-4

@@ -151,7 +151,11 @@ def find_candidates(facts: GraphFacts) -> list[Candidate]:
             if x is not None and x is not n.args[0]:
                 groups.setdefault((x, "hard"), []).append(n)
     candidates = []
+    split = []
     for (x, kind), decisions in groups.items():
+        parts = _trees(facts, x, decisions) if kind == "soft" and len(decisions) > 1 else [decisions]
+        split += [((x, kind), part) for part in parts]
+    for (x, kind), decisions in split:
         sources = list(dict.fromkeys(_source(facts, d.args[0], x) for d in decisions))
         sources = [s for s in sources if facts.affine_source[s] is x]
         if not sources and kind == "soft":
@@ -166,6 +170,39 @@ def find_candidates(facts: GraphFacts) -> list[Candidate]:
         cand.outputs = _outputs(facts, cand)
         candidates.append(cand)
     return candidates
+
+
+def _trees(facts: GraphFacts, x: fx.Node, decisions: list) -> list[list]:
+    """Soft decisions on one input split into the trees they form: two decisions belong to one
+    tree when some value computed from decisions alone (a mixture, a path product, before any
+    leaf value is mixed in) reads both. Two FFFs reading the same x become two candidates."""
+    chosen = set(decisions)
+    side = facts.value_descendants(chosen)
+    upstream = facts.ancestors(chosen)
+    roots = [n for n in facts.value_descendants([x]) if n not in side and n not in upstream and n.op != "output"]
+    leafy = facts.value_descendants(roots)
+    parent = {d: d for d in decisions}
+
+    def find(d):
+        while parent[d] is not d:
+            parent[d] = parent[parent[d]]
+            d = parent[d]
+        return d
+
+    label = {}
+    for n in facts.nodes:
+        if n in chosen:
+            label[n] = n
+        elif n in side and n not in leafy:
+            found = [find(label[i]) for i in n.all_input_nodes if i in label]
+            if found:
+                for other in found[1:]:
+                    parent[find(other)] = find(found[0])
+                label[n] = found[0]
+    parts: dict = {}
+    for d in decisions:
+        parts.setdefault(find(d), []).append(d)
+    return list(parts.values())
 
 
 def _outputs(facts: GraphFacts, cand: Candidate) -> list[fx.Node]:
