@@ -348,11 +348,13 @@ class Packed(nn.Module):
 
 class RowLoop(_LeafParams):
     """A hard form A forward written as a Python loop over the rows (specialised to the example's
-    batch when captured): not read by the graph frontend, which must say why (a per-row loop)."""
+    batch when captured): B copies of one descent, read as one and rewritten batch-generic.
+    ``uneven``: odd rows scale their output by 2 (a look-alike: the rows are not one program)."""
 
-    def __init__(self, spec: FFFSpec):
+    def __init__(self, spec: FFFSpec, uneven: bool = False):
         super().__init__(spec)
         self.nw, self.nb = P(spec.node_weight.clone()), P(spec.node_bias.clone())
+        self.uneven = uneven
 
     def forward(self, x):
         shape = x.shape
@@ -365,7 +367,8 @@ class RowLoop(_LeafParams):
                 node = node * 2 + 1 + (z >= 0).long().view(())
             j = node - (2 ** self.depth - 1)
             h = x[r] @ self.w1[j] + self.b1[j]
-            outs.append(h if self.linear else _act(self.act)(h) @ self.w2[j] + self.b2[j])
+            out = h if self.linear else _act(self.act)(h) @ self.w2[j] + self.b2[j]
+            outs.append(out * (1 + r % 2) if self.uneven else out)
         return torch.stack(outs).reshape(*shape[:-1], -1)
 
 
@@ -471,3 +474,15 @@ STYLES_A = {"packed": Packed, "unrolled": Unrolled, "leaf_major": LeafMajor, "ta
             "threshold": Threshold}
 STYLES_HARD_A = {"hard_index": HardIndex, "hard_dense": HardDense}
 STYLES_B = {"ultrafast": UltraFast, "one_hot": OneHot}
+
+
+class SharedInput(nn.Module):
+    """Two FFF layers of their own styles reading the same input tensor, their outputs summed
+    (a parallel block): two trees, two candidates."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x):
+        return self.first(x) + self.second(x)

@@ -157,16 +157,85 @@ def test_static_capture_whose_batch_equals_a_tree_size(case, batch):
     assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4), (case, got.describe())
 
 
-def test_per_row_loop_is_left_with_a_clear_reason():
+def _counts(gm, names):
+    ops = op_names(gm)
+    return {name: ops.count(name) for name in names}
+
+
+_OUTSIDE = ("layer_norm.default", "linear.default", "scaled_dot_product_attention.default", "mean.dim")
+
+
+def test_per_row_loop_is_rewritten_batch_generic():
+    """A descent written per row in Python, unrolled by the capture for the example's 6 rows:
+    one spec for all rows, one fused call over the input, the loop's nodes gone, other sizes run."""
     spec = _spec("hard_index", depth=2, activation="relu")
-    layer = G.RowLoop(spec).eval()
+    model = TinyTransformer(D, [G.RowLoop(spec)]).eval()
     x = torch.randn(2, 3, D)
     with torch.no_grad():
-        assert rel_err(layer(x), reference.hard(spec, x)) < 1e-5     # the fixture is the spec's hard form
-    fast = fffcompile.optimize(layer, x, frontends=("graph",))
-    assert not fast.report.rewritten
+        assert rel_err(G.RowLoop(spec)(x), reference.hard(spec, x)) < 1e-5     # the fixture is the spec's hard form
+    captured = capture(model, (x,)).module
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert [(r.form, r.depth, r.source, r.where) for r in fast.report.rewritten] == [("A", 2, "hard", "blocks.0.ff")]
+    assert fast.report.left == []
+    assert len(fused_calls(fast)) == 1
+    names = op_names(fast)
+    assert not any(n in names for n in ("ge.Scalar", "stack.default", "index_select.default", "zeros.default"))
+    assert _counts(fast, _OUTSIDE) == _counts(captured, _OUTSIDE)            # the rest of the graph untouched
+    got = fast.get_submodule(fused_calls(fast)[0].target).spec
+    assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4)
+    oracle = copy.deepcopy(model)
+    oracle.blocks[0].ff = Reference(spec)
+    for shape in ((2, 3, D), (4, 5, D), (1, 1, D)):
+        x2 = torch.randn(*shape)
+        with torch.no_grad():
+            assert rel_err(fast(x2), oracle(x2)) < 1e-4
+    assert fast.report.model_check["exactness vs the hardened original"].passed
+
+
+def test_fastfeedforward_package_eval_forward_with_int_depth():
+    """The shipped package's eval forward: a batched descent (index_select, bmm, >=, index
+    arithmetic) then a Python loop over the rows for the leaves (``.item()`` leaf index, w1s/b1s/w2s,
+    written into torch.empty): rewritten to one fused call; b2s omitted as the package omits it."""
+    import fastfeedforward
+    layer = fastfeedforward.FFF(D, 4, D, depth=3)
+    depth = int(layer.depth.item())
+    del layer.depth
+    layer.depth = _PlainDepth(depth)
+    model = TinyTransformer(D, [layer]).eval()
+    x = torch.randn(2, 3, D)
+    captured = capture(model, (x,)).module
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert [(r.form, r.depth, r.source, r.where) for r in fast.report.rewritten] == [("A", 3, "hard", "blocks.0.ff")]
+    assert len(fused_calls(fast)) == 1
+    names = op_names(fast)
+    assert not any(n in names for n in ("ge.Scalar", "item.default", "bmm.default", "select_scatter.default", "index_select.default"))
+    assert _counts(fast, _OUTSIDE) == _counts(captured, _OUTSIDE)
+    got = fast.get_submodule(fused_calls(fast)[0].target).spec
+    truth = FFFSpec("leaf_mlp", 3, "relu", layer.node_weights.detach(), layer.node_biases.detach()[:, 0],
+                    layer.w1s.detach(), layer.b1s.detach(), layer.w2s.detach(), torch.zeros_like(layer.b2s.detach()),
+                    source=got.source)
+    assert got.same_as(truth, atol=2e-5, rtol=2e-4)
+    oracle = copy.deepcopy(model)
+    oracle.blocks[0].ff = Reference(truth)
+    for shape in ((2, 3, D), (4, 5, D), (1, 1, D)):
+        x2 = torch.randn(*shape)
+        with torch.no_grad():
+            assert rel_err(fast(x2), oracle(x2)) < 1e-4
+            assert rel_err(fast(x2), model(x2)) < 1e-4          # the package's own eval forward, any batch
+
+
+def test_per_row_loop_whose_rows_differ_is_left():
+    """Same op sequence per row, but odd rows scale their output: not one program, left alone."""
+    spec = _spec("hard_index", depth=2, activation="relu")
+    model = TinyTransformer(D, [G.RowLoop(spec, uneven=True)]).eval()
+    x = torch.randn(2, 3, D)
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert fast.report.rewritten == []
+    assert not isinstance(fast, torch.fx.GraphModule)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
     reasons = " ".join(left.reason for left in fast.report.left)
-    assert "a loop over the example's rows" in reasons, reasons
+    assert "does not reproduce" in reasons or "per-row loop" in reasons, reasons
 
 
 def test_master_leaf_tree_rewritten_blend_kept():
@@ -395,3 +464,54 @@ def test_a_layer_rewritten_by_one_frontend_is_not_also_reported_as_left():
     fast = fffcompile.optimize(_BroadcastBiasTree().eval(), (torch.randn(4, 16),))
     assert [(r.frontend, r.where) for r in fast.report.rewritten] == [("fx", "(the model itself)")]
     assert fast.report.left == []
+
+
+SOFT_STYLES = {"packed": G.Packed, "unrolled": G.Unrolled, "leaf_major": G.LeafMajor, "table": G.Table,
+               "logsigmoid": G.LogSigmoid, "path_matrix": G.PathMatrix, "softplus_softmax": G.SoftplusSoftmax,
+               "threshold": G.Threshold}
+
+
+@pytest.mark.parametrize("by_gradients", [True, False])
+@pytest.mark.parametrize("style", sorted(SOFT_STYLES))
+def test_soft_mixing_read_by_gradients_or_by_probe_rows(style, by_gradients, monkeypatch):
+    """The leaves' output weights, their owners and b2 read by three backward passes (linear in the
+    graph size) or one probe row per hidden unit (quadratic): the same, true spec either way."""
+    import fffcompile.passes.graph_extract as E
+    monkeypatch.setattr(E, "GRADIENT_ROWS_FACTOR", 0 if by_gradients else 10 ** 9)
+    calls = []
+    original = E._mixing_by_gradients
+    monkeypatch.setattr(E, "_mixing_by_gradients", lambda *a: calls.append(original(*a)) or calls[-1])
+    spec = make_spec(depth=3, d_in=D, d_out=5, leaf_width=3, activation="gelu", seed=11)
+    x = torch.randn(4, 3, D)
+    captured = capture(SOFT_STYLES[style](spec).eval(), (x,))
+    _, outcomes = analyse(captured.module, (x,), {})
+    confirmed = [o for *_, o in outcomes if isinstance(o, GraphConfirmed)]
+    assert len(confirmed) == 1, [o.reason for *_, o in outcomes if not isinstance(o, GraphConfirmed)]
+    assert bool(calls) == by_gradients and all(read is not None for read in calls)     # no fallback taken
+    got = confirmed[0].spec
+    assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4), (style, got.describe())
+
+
+def test_two_trees_reading_the_same_input_are_two_rewrites():
+    """Decisions on one input split into the trees whose mixtures read them: both found, each exact."""
+    s1 = make_spec(depth=3, d_in=D, d_out=D, activation="gelu", seed=1)
+    s2 = make_spec(depth=2, d_in=D, d_out=D, activation="relu", seed=2)
+    model = TinyTransformer(D, [G.SharedInput(G.Table(s1), G.Packed(s2))]).eval()
+    x = torch.randn(2, 3, D)
+    captured = capture(model, (x,)).module
+    fast = fffcompile.optimize(model, x, frontends=("graph",))
+    assert [(r.depth, r.where) for r in fast.report.rewritten] == [(3, "blocks.0.ff.first"), (2, "blocks.0.ff.second")]
+    assert fast.report.left == []
+    calls = fused_calls(fast)
+    assert len(calls) == 2 and "sigmoid.default" not in op_names(fast)
+    before, after = _counts(captured, _OUTSIDE), _counts(fast, _OUTSIDE)
+    assert after == {**before, "linear.default": before["linear.default"] - 1}    # only the Table's router Linear went
+    for call, spec in zip(calls, (s1, s2)):
+        got = fast.get_submodule(call.target).spec
+        assert got.same_as(spec.replace(source=got.source), atol=2e-5, rtol=2e-4)
+    oracle = copy.deepcopy(model)
+    oracle.blocks[0].ff = G.SharedInput(Reference(s1), Reference(s2))
+    for shape in ((2, 3, D), (4, 5, D), (1, 1, D)):
+        x2 = torch.randn(*shape)
+        with torch.no_grad():
+            assert rel_err(fast(x2), oracle(x2)) < 1e-4

@@ -127,14 +127,20 @@ def _data_input(facts: GraphFacts, z: fx.Node) -> "fx.Node | None":
 def find_candidates(facts: GraphFacts) -> list[Candidate]:
     groups: dict[tuple[fx.Node, str], list[fx.Node]] = {}
     hard = []
+    found = []
     for n in facts.nodes:
         if not facts.depends.get(n):
             continue
         z, kind = _decision_arg(facts, n)
         if z is None or not facts.depends[z] or is_float_tensor(z) is False:
             continue
+        found.append((n, z, kind))
+    # a logit that reads earlier decisions (node weights gathered by the index recurrence), even
+    # through a squeeze, is traced back to its data input rather than taken as an input itself
+    after = facts.value_descendants([n for n, _, kind in found if kind == "hard"])
+    for n, z, kind in found:
         x = facts.affine_source[z]
-        if x is None or x is z:
+        if x is None or x is z or (kind == "hard" and x in after):
             if kind == "hard":
                 hard.append(n)
             continue
@@ -145,7 +151,11 @@ def find_candidates(facts: GraphFacts) -> list[Candidate]:
             if x is not None and x is not n.args[0]:
                 groups.setdefault((x, "hard"), []).append(n)
     candidates = []
+    split = []
     for (x, kind), decisions in groups.items():
+        parts = _trees(facts, x, decisions) if kind == "soft" and len(decisions) > 1 else [decisions]
+        split += [((x, kind), part) for part in parts]
+    for (x, kind), decisions in split:
         sources = list(dict.fromkeys(_source(facts, d.args[0], x) for d in decisions))
         sources = [s for s in sources if facts.affine_source[s] is x]
         if not sources and kind == "soft":
@@ -160,6 +170,39 @@ def find_candidates(facts: GraphFacts) -> list[Candidate]:
         cand.outputs = _outputs(facts, cand)
         candidates.append(cand)
     return candidates
+
+
+def _trees(facts: GraphFacts, x: fx.Node, decisions: list) -> list[list]:
+    """Soft decisions on one input split into the trees they form: two decisions belong to one
+    tree when some value computed from decisions alone (a mixture, a path product, before any
+    leaf value is mixed in) reads both. Two FFFs reading the same x become two candidates."""
+    chosen = set(decisions)
+    side = facts.value_descendants(chosen)
+    upstream = facts.ancestors(chosen)
+    roots = [n for n in facts.value_descendants([x]) if n not in side and n not in upstream and n.op != "output"]
+    leafy = facts.value_descendants(roots)
+    parent = {d: d for d in decisions}
+
+    def find(d):
+        while parent[d] is not d:
+            parent[d] = parent[parent[d]]
+            d = parent[d]
+        return d
+
+    label = {}
+    for n in facts.nodes:
+        if n in chosen:
+            label[n] = n
+        elif n in side and n not in leafy:
+            found = [find(label[i]) for i in n.all_input_nodes if i in label]
+            if found:
+                for other in found[1:]:
+                    parent[find(other)] = find(found[0])
+                label[n] = found[0]
+    parts: dict = {}
+    for d in decisions:
+        parts.setdefault(find(d), []).append(d)
+    return list(parts.values())
 
 
 def _outputs(facts: GraphFacts, cand: Candidate) -> list[fx.Node]:

@@ -33,6 +33,7 @@ class GraphConfirmed:
     spec: FFFSpec
     exactness: Comparison
     fidelity: Fidelity
+    per_row_loop: bool = False         # read from B copies of one per-row program (a static batch)
 
 
 @dataclass

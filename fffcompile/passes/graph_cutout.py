@@ -220,6 +220,15 @@ class Cutout:
             cache[key] = seen
         return cache[key]
 
+    def _constant_storage(self, double: bool) -> set:
+        """Storage addresses of the constants the cut-out reads (never written in place), once per mode."""
+        cache = self.__dict__.setdefault("_constant_ptrs", {})
+        if double not in cache:
+            cache[double] = {v.untyped_storage().data_ptr()
+                             for v in (self.constants.get(c, double) for c in self.constant_nodes)
+                             if isinstance(v, torch.Tensor)}
+        return cache[double]
+
     def _reinplaceable(self, n, i, env, protected) -> bool:
         """select_scatter(base, src, dim, index) may write into base: this is base's last reader, base's
         storage is not the input's, an override's or a constant's, and no value still live shares it."""
@@ -276,9 +285,10 @@ class Cutout:
 
     # ------------------------------------------------------------------ running
     def run(self, x: torch.Tensor, overrides: Optional[dict] = None, harden: Optional[dict] = None,
-            double: bool = False, want: Optional[list] = None):
+            double: bool = False, want: Optional[list] = None, grad: bool = False):
         """y for input x (or the values of the ``want`` nodes); ``overrides``: node -> value;
-        ``harden``: decision node -> tie ("ge"/"gt")."""
+        ``harden``: decision node -> tie ("ge"/"gt"); ``grad``: record autograd (for reading
+        coefficients by one backward pass instead of one probe row each)."""
         overrides, harden = overrides or {}, harden or {}
         want = [self.y] if want is None else list(want)
         keep = set(want)
@@ -293,13 +303,12 @@ class Cutout:
             return constants.get(a, double_mode)
 
         protected = {t.untyped_storage().data_ptr() for t in [x, *overrides.values()] if isinstance(t, torch.Tensor)}
-        protected |= {v.untyped_storage().data_ptr() for v in (constants.get(c, double) for c in self.constant_nodes)
-                      if isinstance(v, torch.Tensor)}
+        protected |= self._constant_storage(double)
         saved = torch.get_default_dtype()
         if double:
             torch.set_default_dtype(torch.float64)
         try:
-            with torch.no_grad():
+            with (torch.enable_grad() if grad else torch.no_grad()):
                 needed = self._needed(tuple(want), frozenset(overrides))
                 for i, n in enumerate(self.nodes):
                     if not pending:

@@ -11,7 +11,9 @@ on chosen rows, with chosen intermediate values overridden (``Cutout.run_rows``)
   unit vector e_c, y is affine in the activations: its coefficients are W2 / 2^D for each
   hidden unit. Overriding the logits with random values instead scales each unit's row by its
   leaf's weight mu_j, which tells which leaf each unit belongs to, whatever the layout.
-  b2_j: activations 0, logits forced (+-T, hardened) along leaf j's path. Leaves without an
+  b2_j: activations 0, logits forced (+-T, hardened) along leaf j's path. For many hidden
+  units the same coefficients are read by backward passes instead (``_mixing_by_gradients``:
+  three passes over d_out rows, linear in the leaf count where one row per unit is quadratic); Leaves without an
   activation (linear leaves): per leaf, x = 0 and e_i with the path forced;
 - form B: node weights as above; for each neuron column c, activations e_c with the logits
   forced along a path through c (level-uniform signs, so no topology is assumed beyond heap
@@ -139,12 +141,12 @@ def heap_paths(depth: int) -> torch.Tensor:
     """(2^D, 2^D - 1) signs: +1 / -1 where leaf j's path goes right / left at a node, -1 off the path."""
     L, N = 2 ** depth, 2 ** depth - 1
     signs = -torch.ones(L, N, dtype=torch.float64)
-    for j in range(L):
-        node = 0
-        for level in range(depth):
-            right = (j >> (depth - 1 - level)) & 1
-            signs[j, node] = 1.0 if right else -1.0
-            node = 2 * node + 1 + right
+    leaves = torch.arange(L)
+    node = torch.zeros(L, dtype=torch.long)
+    for level in range(depth):
+        right = (leaves >> (depth - 1 - level)) & 1
+        signs[leaves, node] = right.double() * 2 - 1
+        node = 2 * node + 1 + right
     return signs
 
 
@@ -155,6 +157,59 @@ def leaf_weights_from_logits(t: torch.Tensor, depth: int) -> torch.Tensor:
         pl = p[:, 2 ** level - 1: 2 ** (level + 1) - 1]
         mu = torch.stack((mu * (1 - pl), mu * pl), -1).reshape(t.shape[0], -1)
     return mu
+
+
+GRADIENT_ROWS_FACTOR = 3    # read the mixing by gradients when 3 d_out rows are fewer than the probe rows
+
+
+def _gradients_pay(cut: Cutout, C: int, L: int) -> bool:
+    """Gradients cost 3 passes over d_out rows; one probe row per hidden unit costs 2 (C + 1) + L rows."""
+    feats = cut.features(cut.y)
+    if feats is None:
+        return False
+    return GRADIENT_ROWS_FACTOR * math.prod(feats) < 2 * (C + 1) + L
+
+
+def _mixing_by_gradients(cut: Cutout, cand: Candidate, act_out, N: int, C: int, L: int, d_in: int, t1: torch.Tensor):
+    """(M0, M1, b2) of a soft leaf-MLP candidate from three backward passes over d_out rows, or None.
+
+    With the activations h and the node logits t overridden, y = sum_j mu_j(t) (h_j W2_j + b2_j).
+    Row r of a pass reads output feature r, so one backward pass gives a whole Jacobian:
+    - d y / d h at t = 0: every mu_j = 2^-D, so the rows are W2 / 2^D (M0);
+    - d y / d h at t = t1: each unit's row scaled by its leaf's mu_j(t1) 2^D (M1, the ownership);
+    - d y / d t at h = 0, t = 0: 2^-(D+1) (sum of b2 under n's right child - under its left), and
+      y itself 2^-D sum_j b2_j: the leaves' b2 follow top-down (a Haar transform, O(L d_out)).
+    Linear in the graph size, where one probe row per hidden unit is quadratic in the leaf count.
+    A graph autograd cannot differentiate (or that differentiates to something else) returns None
+    or a spec that confirmation rejects; the caller then probes row by row."""
+    d_out = math.prod(cut.features(cut.y))
+    depth = L.bit_length() - 1
+    pick = torch.eye(d_out, dtype=torch.float64)
+    x0 = torch.zeros(d_out, d_in, dtype=torch.float64)
+
+    def jacobian(H, logits, wrt):
+        leaf = H if wrt == "h" else logits
+        leaf.requires_grad_(True)
+        y = cut.run_rows(x0, overrides={**_split(cut, act_out, H), **_split(cut, cand.sources, logits)},
+                         double=True, grad=True, chunk=max(1024, d_out))
+        if not y.requires_grad:
+            raise RuntimeError("the output does not depend on the overridden values")
+        (g,) = torch.autograd.grad((y.double() * pick).sum(), leaf)
+        return y.detach().double(), g.detach()                              # g: (d_out, features)
+
+    try:
+        zeros_h, zeros_t = torch.zeros(d_out, C, dtype=torch.float64), torch.zeros(d_out, N, dtype=torch.float64)
+        _, G0 = jacobian(zeros_h.clone(), zeros_t.clone(), "h")
+        _, G1 = jacobian(zeros_h.clone(), t1.expand(d_out, N).clone(), "h")
+        y0, Gt = jacobian(zeros_h.clone(), zeros_t.clone(), "t")
+    except Exception:     # a third-party op without a derivative, an in-place write autograd refuses
+        return None
+    sums = y0[:1] * L                                                     # (1, d_out): sum of b2 over the whole tree
+    for level in range(depth):
+        lo, hi = 2 ** level - 1, 2 ** (level + 1) - 1
+        delta = Gt[:, lo:hi].T * 2 ** (depth + 1)                         # right-subtree sum minus left
+        sums = torch.stack(((sums - delta) / 2, (sums + delta) / 2), 1).reshape(-1, d_out)
+    return G0.T.contiguous(), G1.T.contiguous(), sums
 
 
 def extract_leaf_mlp(facts: GraphFacts, cand: Candidate, cut: Cutout, d_in: int, seed: int = 0) -> Union[FFFSpec, str]:
@@ -174,13 +229,12 @@ def extract_leaf_mlp(facts: GraphFacts, cand: Candidate, cut: Cutout, d_in: int,
         return acts
     act, act_in, act_out = acts
     harden = {d: "ge" for d in cand.decisions}
-    paths = heap_paths(depth) * _T
     zeros_x = lambda r: torch.zeros(r, d_in, dtype=torch.float64)
     if not act_in:
         # linear leaves: per leaf, x = 0 and e_i with the path forced
         B = _basis(d_in)
         rows = B.repeat(L, 1)
-        forced = paths.repeat_interleave(d_in + 1, 0)
+        forced = (heap_paths(depth) * _T).repeat_interleave(d_in + 1, 0)
         Y = cut.run_rows(rows, overrides=_split(cut, cand.sources, forced), harden=harden, double=True).double()
         Y = Y.reshape(L, d_in + 1, -1)
         b1 = Y[:, 0]
@@ -197,13 +251,17 @@ def extract_leaf_mlp(facts: GraphFacts, cand: Candidate, cut: Cutout, d_in: int,
         if pre is None:
             return "the leaf pre-activations are not an affine function of the input"
         W1all, b1all = pre
-        eye = torch.cat([torch.zeros(1, C, dtype=torch.float64), torch.eye(C, dtype=torch.float64)])
         t1 = torch.randn(1, N, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
-        logits = torch.cat([torch.zeros(C + 1, N, dtype=torch.float64), t1.expand(C + 1, N)])
-        H = torch.cat([eye, eye])
-        overrides = {**_split(cut, act_out, H), **_split(cut, cand.sources, logits)}
-        Y = cut.run_rows(zeros_x(2 * (C + 1)), overrides=overrides, double=True).double()
-        M0, M1 = Y[1:C + 1] - Y[0], Y[C + 2:] - Y[C + 1]
+        read = _mixing_by_gradients(cut, cand, act_out, N, C, L, d_in, t1) if _gradients_pay(cut, C, L) else None
+        if read is None:
+            eye = torch.cat([torch.zeros(1, C, dtype=torch.float64), torch.eye(C, dtype=torch.float64)])
+            logits = torch.cat([torch.zeros(C + 1, N, dtype=torch.float64), t1.expand(C + 1, N)])
+            H = torch.cat([eye, eye])
+            overrides = {**_split(cut, act_out, H), **_split(cut, cand.sources, logits)}
+            Y = cut.run_rows(zeros_x(2 * (C + 1)), overrides=overrides, double=True).double()
+            M0, M1 = Y[1:C + 1] - Y[0], Y[C + 2:] - Y[C + 1]
+        else:
+            M0, M1, Yb = read
         norm = (M0 * M0).sum(1)
         alive = norm > 1e-24 * float(norm.max().clamp_min(1e-300))
         ratio = torch.where(alive, (M1 * M0).sum(1) / norm.clamp_min(1e-300), torch.zeros_like(norm))
@@ -221,9 +279,10 @@ def extract_leaf_mlp(facts: GraphFacts, cand: Candidate, cut: Cutout, d_in: int,
         W1 = W1all[index].transpose(1, 2)                                     # (L, d_in, width)
         b1 = b1all[index]
         W2 = M0[index] * L                                                    # (L, width, d_out)
-        H0 = torch.zeros(L, C, dtype=torch.float64)
-        Yb = cut.run_rows(zeros_x(L), overrides={**_split(cut, act_out, H0), **_split(cut, cand.sources, paths)},
-                          harden=harden, double=True).double()
+        if read is None:
+            H0 = torch.zeros(L, C, dtype=torch.float64)
+            Yb = cut.run_rows(zeros_x(L), overrides={**_split(cut, act_out, H0), **_split(cut, cand.sources, heap_paths(depth) * _T)},
+                              harden=harden, double=True).double()
         spec_args = dict(leaf_w1=W1, leaf_b1=b1, leaf_w2=W2, leaf_b2=Yb, activation=act)
     try:
         return FFFSpec("leaf_mlp", depth, node_weight=W, node_bias=b, tie="ge", source="soft", **spec_args)

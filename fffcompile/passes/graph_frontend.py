@@ -7,7 +7,8 @@ Pipeline, one concept per module:
 3. ``graph_anchor``: decisions (sigmoid / log-sigmoid / comparisons of logits affine in an
    input x) grouped by x; post-dominating outputs that also read a leaf side;
 4. ``graph_cutout``: the candidate x -> y as its own program (constants evaluated once);
-5. ``graph_extract``: the FFFSpec read off by evaluating the cut-out on chosen rows;
+5. ``graph_extract``: the FFFSpec read off by evaluating the cut-out on chosen rows
+   (``graph_rowloop``: a descent unrolled over the example's rows is read as one row program);
 6. ``graph_confirm``: the spec's reference against the hardened cut-out on probe rows;
 7. ``graph_rewrite``: FusedFFF calls in a copy of the graph; the rest untouched.
 
@@ -17,6 +18,7 @@ anchored again. Nothing found: the model comes back as it was (not as a graph). 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Optional
@@ -34,6 +36,7 @@ from .graph_confirm import GraphConfirmed, GraphRefused, confirm
 from .graph_cutout import ConstantCache, Cutout, NotAFunctionOfX
 from .graph_extract import extract_hard_leaf_mlp, extract_leaf_mlp, extract_neuron_tree
 from .graph_rewrite import hardened_original, rewrite
+from .graph_rowloop import row_program
 
 HARDENED_ATTRIBUTE = "_fffcompile_graph_hardened"
 
@@ -94,6 +97,7 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
             if found is not None:
                 break
             continue
+        runner, judged = cut, cand        # what confirmation runs: the cut-out, or its per-row program
         try:
             if cand.kind == "soft":
                 specs = extract_leaf_mlp(facts, cand, cut, d_in, seed)
@@ -104,6 +108,12 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
                     hard_a = extract_hard_leaf_mlp(facts, cand, cut, d_in, seed)
                     specs = [hard_a] if not isinstance(hard_a, str) else \
                         f"as a neuron tree: {specs}; as a descending form A tree: {hard_a}"
+                if isinstance(specs, str):
+                    looped = _per_row_loop(facts, cand, cut, d_in, seed)
+                    if isinstance(looped, str):
+                        specs = f"{specs}; as a per-row loop: {looped}"
+                    else:
+                        (runner, judged), specs = looped[:2], [looped[2]]
         except Exception as error:  # a third-party graph op the extractor cannot evaluate on probe rows
             specs = f"extraction failed at {y.name} ({type(error).__name__}: {error})"
         if isinstance(specs, str):
@@ -112,8 +122,10 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
                 break
             continue
         for spec in _guarded(specs, y, refusals := []):
-            outcome = confirm(cand, cut, spec, x_rows, seed)
+            outcome = confirm(judged, runner, spec, x_rows, seed)
             if isinstance(outcome, GraphConfirmed):
+                if runner is not cut:
+                    outcome = dataclasses.replace(outcome, per_row_loop=True)
                 found = (cand, cut, y, outcome)
                 break
             best = _better(best, outcome)
@@ -125,6 +137,32 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
     if found is not None:
         return _extend_through_views(facts, *found)
     return cand, None, None, best
+
+
+def _drop_shape_guards(gm: fx.GraphModule) -> bool:
+    """Remove torch.export's input-shape guard call (``_guards_fn``): the guards a rewritten
+    per-row loop imposed (batch == the example's) would otherwise refuse every other batch."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn" and not n.users]
+    for n in calls:
+        gm.graph.erase_node(n)
+    if calls:
+        gm.recompile()
+    return bool(calls)
+
+
+def _per_row_loop(facts, cand: Candidate, cut: Cutout, d_in: int, seed: int):
+    """A descending form A tree unrolled over the example's rows: (row program, candidate on row 0's
+    decisions, spec) or the reason it is not one. All rows are read at once (row r's copies given
+    row r's values); confirmation then runs every row's copy against the one spec."""
+    program = row_program(cut)
+    if isinstance(program, str):
+        return program
+    kept = set(program.nodes)
+    row_cand = dataclasses.replace(cand, decisions=[d for d in cand.decisions if d in kept], outputs=[])
+    spec = extract_hard_leaf_mlp(facts, row_cand, program, d_in, seed)
+    if isinstance(spec, str):
+        return spec
+    return program, row_cand, spec
 
 
 def _extend_through_views(facts, cand, cut, y, outcome):
@@ -193,6 +231,7 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
         return work
     confirmed = []
     taken: set = set()
+    looped = False          # a per-row loop among the rewritten: its shape guards go with it
     for cand, cut, y, outcome in outcomes:
         where = cand.where
         if isinstance(outcome, GraphConfirmed) and taken.intersection(cut.nodes):
@@ -206,6 +245,7 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
                                            f"min_leaf_agreement={min_leaf_agreement:.1%}; kept soft", frontend="fx"))
             continue
         confirmed.append((cand, cut, y, spec, where))
+        looped = looped or outcome.per_row_loop
         taken.update(cut.nodes)
         report.rewritten.append(Rewritten(
             where=where, form=spec.form_letter, depth=spec.depth, trees=spec.trees, d_in=spec.d_in, d_out=spec.d_out,
@@ -217,6 +257,11 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
     if not confirmed:
         return work
     result = rewrite(gm, confirmed)
+    if looped and captured.how == "export (dynamic)":
+        dropped = _drop_shape_guards(result)
+        if dropped:
+            report.notes.append("graph frontend: a per-row loop specialised the capture to the example's batch; its "
+                                "shape guards are dropped with it (the rest of the graph is symbolic)")
     object.__setattr__(result, HARDENED_ATTRIBUTE, (hardened_original(gm, confirmed),))
     report.notes.append(f"graph frontend: {len(confirmed)} rewrite(s) in {time.perf_counter() - started:.2f} s")
     return result

@@ -55,7 +55,9 @@ def rewrite(gm: fx.GraphModule, confirmed: list) -> fx.GraphModule:
         # metadata assertions about the candidate's own values go with it
         checks = [u for n in cut.nodes for u in n.users if u.op == "call_function" and not u.users
                   and cut.facts.name.get(u, "").startswith("_assert") and u not in inside]
-        order = cut.nodes + checks + sorted(cut.constant_nodes, key=cut.facts.index.__getitem__)
+        # constants the candidate read and what only they were computed from (a per-row torch.zeros index)
+        constants = cut.facts.ancestors(cut.constant_nodes)
+        order = cut.nodes + checks + sorted(constants, key=cut.facts.index.__getitem__)
         for old in sorted(order, key=cut.facts.index.__getitem__, reverse=True):
             node = mapping.get(old)
             if node is not None and not node.users and node.op != "placeholder":
