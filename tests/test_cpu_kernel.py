@@ -96,6 +96,18 @@ def test_every_activation_and_dtype(ext, form, linear, activation, dtype):
         assert_equals_reference(run_ext(ext, spec, x, isa), spec, x)
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
+def test_parallel_for_runs_on_several_threads(ext):
+    """The kernel's parallel loops are ATen's inline OpenMP: built without -fopenmp they silently run on one
+    thread. Two threads set: two distinct threads run the two tasks."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert ext._threads_used() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_large_batches_parallel_and_grouped_by_leaf(ext, form, threads):

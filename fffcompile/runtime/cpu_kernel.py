@@ -65,8 +65,16 @@ _failure: Optional[str] = None
 _disabled = os.environ.get("FFFCOMPILE_CPU_KERNEL", "1") == "0"
 
 
+# -fopenmp at compile time only: at::parallel_for is inline OpenMP in ATen's headers (torch's CPU build
+# uses OpenMP), so without it every parallel_for of the kernel runs on one thread. The GOMP symbols
+# resolve at load time to the libgomp torch has already loaded globally, so torch.set_num_threads
+# and the kernel share one thread pool.
+CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+
+
 def _extension_name() -> str:
     digest = hashlib.sha256(torch.__version__.encode())
+    digest.update(" ".join(CFLAGS).encode())
     for name in SOURCES:
         digest.update((CSRC / name).read_bytes())
     return f"fffcompile_cpu_{digest.hexdigest()[:12]}"
@@ -90,7 +98,7 @@ def load():
             _remove_stale_lock(cpp_extension, _extension_name())
             _extension = cpp_extension.load(
                 name=_extension_name(), sources=[str(CSRC / "fff_kernels.cpp")], extra_include_paths=[str(CSRC)],
-                extra_cflags=["-O3", "-fno-math-errno"], verbose=os.environ.get("FFFCOMPILE_BUILD_VERBOSE") == "1")
+                extra_cflags=CFLAGS, verbose=os.environ.get("FFFCOMPILE_BUILD_VERBOSE") == "1")
         except Exception as error:  # compiler missing, build failure: fall back, say it once
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             _failure = f"{type(error).__name__}: {first_line}"

@@ -57,8 +57,13 @@
 // W and V rows from L3. The kernel stays bound by L3 / memory traffic, not by arithmetic.
 // `fffcompile bench --batches 1 128 1024 4096 --threads 1 2 --no-compile --rounds 5 --budget 3`
 // (same machine, load average 3.9-5.4) measured fffcompile at UFB 56 us / 567 us / 4.1 ms / 15.0
-// ms and form A 16 us / 1.24 ms / 6.0 ms / 18.1 ms at batch 1 / 128 / 1024 / 4096, one thread; two
-// threads could not be shown faster there (the second core was busy with the other jobs).
+// ms and form A 16 us / 1.24 ms / 6.0 ms / 18.1 ms at batch 1 / 128 / 1024 / 4096, one thread.
+// Two threads: at::parallel_for is inline OpenMP in ATen's headers, so the extension is compiled
+// with -fopenmp (cpu_kernel.CFLAGS); built without it, as before 2026-11-23, every parallel_for
+// ran on one thread (process CPU time equal to wall time at two threads). With it, quiet machine
+// (load ~1), nn eval layers, wall / process CPU time per call, 1 -> 2 threads: UFB b128 ~500 ->
+// ~270 us (CPU ~530 us), b1024 3.6 -> 1.95 ms, b4096 11 -> 5.8 ms; form A b128 ~1.1 ms -> ~0.6 ms,
+// b1024 3.3 -> 1.8 ms, b4096 10 -> 6.2 ms; batch 1 stays on one thread (CPU time = wall time).
 // bfloat16 weight copy (float32 x / out), same machine, load average 2.6-2.9, two runs of
 // `fffcompile bench --shapes ufb leaf --batches 1 128 1024 4096 --threads 1 --methods dense --rounds 11
 // --budget 8 --plot none` (noisy, +-10-20% per point), float32 vs bf16 weights, one thread:
@@ -75,6 +80,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <set>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -350,8 +358,8 @@ void parallel_chunks(int64_t n, int64_t chunk, const F& body) {
     body(0, n);
     return;
   }
-  if (!g_dynamic) {
-    at::parallel_for(0, n, chunk, body);
+  if (!g_dynamic) {   // static split over whole chunks: boundaries stay multiples of `chunk` (the row blocks)
+    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { body(b * chunk, std::min(n, e * chunk)); });
     return;
   }
   std::atomic<int64_t> next{0};
@@ -724,4 +732,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }, "subtree-blocked path: rows from which it runs (form B, form A), rows per bucket, prefetch (0-2), dynamic "
            "thread chunks (0/1); returns the previous values (tests and experiments only)");
   m.def("isa", []() { return std::string(fff::isa_name(fff::g_isa)); }, "instruction set chosen at load");
+  m.def("_threads_used", []() {
+          std::mutex lock;
+          std::set<std::thread::id> ids;
+          at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+            std::lock_guard<std::mutex> guard(lock);
+            ids.insert(std::this_thread::get_id());
+          });
+          return static_cast<int64_t>(ids.size());
+        }, "distinct threads that ran a parallel_for of at::get_num_threads() one-element tasks (a build check: "
+           "1 when the extension was compiled without OpenMP)");
 }
