@@ -161,18 +161,23 @@ inline const A* row_as_acc(const S* x, int64_t n, A* buf) {
   }
 }
 
-// y[0:m] = bias[0:m] + sum_k alpha[k] * v[k][0:m]: one pass over y with K independent row streams
+// y[0:m] = start[0:m] + sum_k alpha[k] * v[k][0:m]: one pass over y with K independent row streams
 // (form B's output: the K = P (D + 1) path neurons' rows, all addresses known before the pass).
-template <class V>
-inline void gather_sum(typename V::A* y, const typename V::S* bias, const typename V::S* const* v,
+// start: the output bias (storage type), or y itself to add onto a running sum.
+template <class V, class B>
+inline void gather_sum(typename V::A* y, const B* start, const typename V::S* const* v,
                        const typename V::A* alpha, int64_t K, int64_t m) {
   using A = typename V::A;
   using R = typename V::R;
   constexpr int W = V::W;
+  const auto first = [start](int64_t j) -> R {
+    if constexpr (std::is_same<B, A>::value) return V::loadA(start + j);
+    else return V::load(start + j);
+  };
   int64_t j = 0;
   for (; j + 4 * W <= m; j += 4 * W) {
     R acc[4];
-    for (int u = 0; u < 4; ++u) acc[u] = V::load(bias + j + u * W);
+    for (int u = 0; u < 4; ++u) acc[u] = first(j + u * W);
     for (int64_t k = 0; k < K; ++k) {
       const R s = V::set1(alpha[k]);
       for (int u = 0; u < 4; ++u) acc[u] = V::fma(s, V::load(v[k] + j + u * W), acc[u]);
@@ -180,12 +185,12 @@ inline void gather_sum(typename V::A* y, const typename V::S* bias, const typena
     for (int u = 0; u < 4; ++u) V::storeA(y + j + u * W, acc[u]);
   }
   for (; j + W <= m; j += W) {
-    R acc = V::load(bias + j);
+    R acc = first(j);
     for (int64_t k = 0; k < K; ++k) acc = V::fma(V::set1(alpha[k]), V::load(v[k] + j), acc);
     V::storeA(y + j, acc);
   }
   for (; j < m; ++j) {
-    A t = static_cast<A>(bias[j]);
+    A t = static_cast<A>(start[j]);
     for (int64_t k = 0; k < K; ++k) t += alpha[k] * static_cast<A>(v[k][j]);
     y[j] = t;
   }
@@ -419,30 +424,6 @@ inline void axpy_shared_n(int nr, typename V::A* const* y, const typename V::A* 
   }
 }
 
-// y[0:m] += sum_k alpha[k] * v[k][0:m] (gather_sum onto the running y: the later trees' top levels).
-template <class V>
-inline void gather_add(typename V::A* y, const typename V::S* const* v, const typename V::A* alpha, int64_t K, int64_t m) {
-  using R = typename V::R;
-  constexpr int W = V::W;
-  int64_t j = 0;
-  for (; j + 4 * W <= m; j += 4 * W) {
-    R acc[4];
-    for (int u = 0; u < 4; ++u) acc[u] = V::loadA(y + j + u * W);
-    for (int64_t k = 0; k < K; ++k) {
-      const R s = V::set1(alpha[k]);
-      for (int u = 0; u < 4; ++u) acc[u] = V::fma(s, V::load(v[k] + j + u * W), acc[u]);
-    }
-    for (int u = 0; u < 4; ++u) V::storeA(y + j + u * W, acc[u]);
-  }
-  for (; j + W <= m; j += W) {
-    R acc = V::loadA(y + j);
-    for (int64_t k = 0; k < K; ++k) acc = V::fma(V::set1(alpha[k]), V::load(v[k] + j), acc);
-    V::storeA(y + j, acc);
-  }
-  for (; j < m; ++j)
-    for (int64_t k = 0; k < K; ++k) y[j] += alpha[k] * static_cast<typename V::A>(v[k][j]);
-}
-
 // One node's run: order[start : start + count) are the block rows now at node.
 struct NodeRun { int64_t node; int32_t start, count; };
 
@@ -544,7 +525,7 @@ void neuron_top(const NeuronArgs& p, const GroupCtx& c, int64_t begin, int64_t e
     for (int r = 0; r < nr; ++r) {
       A* y = static_cast<A*>(c.yr[r0 + r]);
       if (c.tree == 0) gather_sum<V>(y, OB, vrow + r * K, alpha + r * K, K, m);
-      else gather_add<V>(y, vrow + r * K, alpha + r * K, K, m);
+      else gather_sum<V>(y, static_cast<const typename V::A*>(y), vrow + r * K, alpha + r * K, K, m);  // later trees: onto y
       c.node[r0 + r] = node[r];
     }
   }
