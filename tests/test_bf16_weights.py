@@ -19,6 +19,7 @@ from fffcompile import ops, reference
 from fffcompile.compare import compare
 from fffcompile.runtime import FusedFFF, cpu_kernel
 from specs import batch_shapes, make_spec, random_input, specs
+from threads import num_threads
 
 TREE = ("node_weight", "node_bias", "leaf_w1", "leaf_b1", "leaf_w2", "leaf_b2", "out_weight", "out_bias")
 
@@ -76,13 +77,9 @@ def subtree_path(ext):
        seed=st.integers(0, 2 ** 31 - 1))
 def test_subtree_path_with_bf16_weights(ext, subtree_path, threads, spec, rows, seed):
     x = random_input(spec, (rows,), seed)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         for isa in isas(ext):
             assert_equals_rounded_reference(run_bf16(ext, spec, x, isa), spec, x)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])

@@ -22,6 +22,7 @@ from fffcompile.compare import compare
 from fffcompile.runtime import FusedFFF, cpu_kernel
 from fffcompile.spec import ACTIVATIONS, DTYPES, FFFSpec
 from specs import batch_shapes, make_spec, random_input, specs
+from threads import num_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,12 +101,8 @@ def test_every_activation_and_dtype(ext, form, linear, activation, dtype):
 def test_parallel_for_runs_on_several_threads(ext):
     """The kernel's parallel loops are ATen's inline OpenMP: built without -fopenmp they silently run on one
     thread. Two threads set: two distinct threads run the two tasks."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with num_threads(2):
         assert ext._threads_used() == 2
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
@@ -114,13 +111,9 @@ def test_large_batches_parallel_and_grouped_by_leaf(ext, form, threads):
     """Enough rows per leaf for the 4-row GEMM blocks, and enough work for the parallel split."""
     spec = make_spec(form=form, depth=5, d_in=96, d_out=80, leaf_width=16, trees=2, activation="gelu", seed=7)
     x = random_input(spec, (700,), 8)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         for isa in isas(ext):
             assert_equals_reference(run_ext(ext, spec, x, isa), spec, x)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _tied(form: str, tie: str, dtype: torch.dtype, negative_zero: bool) -> FFFSpec:
@@ -404,13 +397,9 @@ def test_subtree_path_equals_reference(ext, subtree_path, threads, spec, rows, b
     """Any form, depth, width, tree count, activation, tie rule and dtype (bfloat16 and float16 included)."""
     subtree_path(bucket_rows, prefetch)
     x = random_input(spec, (rows,), seed)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         for isa in isas(ext):
             assert_equals_reference(run_ext(ext, spec, x, isa), spec, x)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
@@ -432,9 +421,8 @@ def test_threads_and_chunking_do_not_change_the_output(ext, subtree_path, form):
     leaf's rows changes the rounding: there every variant is checked against the reference."""
     spec = make_spec(form=form, depth=5, d_in=64, d_out=48, leaf_width=16, trees=2, activation="silu", seed=32)
     x = random_input(spec, (300,), 33)
-    before = torch.get_num_threads()
     outs = []
-    try:
+    with num_threads():
         for grouped in (True, False):
             if not grouped:
                 ext._tune_grouped(1 << 40, 1 << 40, 4, 1, 1)
@@ -445,8 +433,6 @@ def test_threads_and_chunking_do_not_change_the_output(ext, subtree_path, form):
                     ext._tune_grouped(1 << 40, 1 << 40, 4, 1, dynamic)
                 torch.set_num_threads(threads)
                 outs.append(run_ext(ext, spec, x, ext.isa()))
-    finally:
-        torch.set_num_threads(before)
     if form == "neuron_tree":
         for i in (1, 2, 4, 5):
             assert torch.equal(outs[i], outs[0 if i < 3 else 3])
