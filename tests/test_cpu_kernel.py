@@ -166,6 +166,31 @@ def test_noncontiguous_input_and_weights(ext):
     assert_equals_reference(ops.run_tree(strided, x), spec, x)
 
 
+@pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
+def test_prepared_handle_with_transposed_weights(ext, form):
+    # A spec read from nn.Linear layers holds transposed views (out_weight = linear_out.weight.T):
+    # the handle keeps one contiguous copy, follows in-place updates of the source, and FusedFFF
+    # stores its parameters contiguous (it once copied the whole layer on every call: 16 ms at batch 1).
+    spec = make_spec(form=form, depth=3, d_in=12, d_out=9, activation="gelu", seed=31)
+    name = "leaf_w1" if form == "leaf_mlp" else "out_weight"
+    source = getattr(spec, name).transpose(-1, -2).contiguous()
+    strided = spec.replace(**{name: source.transpose(-1, -2)})
+    assert not getattr(strided, name).is_contiguous()
+    names = (("node_weight", "node_bias", "leaf_w1", "leaf_b1", "leaf_w2", "leaf_b2") if form == "leaf_mlp"
+             else ("node_weight", "node_bias", "out_weight", "out_bias", None, None))
+    tree = [getattr(strided, n) if n else None for n in names]
+    handle = cpu_kernel.prepare(form, *tree, spec.activation, spec.tie)
+    x = random_input(spec, (5,), 32)
+    with torch.no_grad():
+        assert_equals_reference(handle(x), spec, x)
+        assert_equals_reference(handle(x), spec, x)
+        source.mul_(2)   # in place, through the transposed view's storage: the copy is rebuilt
+        assert_equals_reference(handle(x), spec.replace(**{name: getattr(spec, name) * 2}), x)
+        module = FusedFFF(strided).eval()
+        assert all(p.is_contiguous() for p in module.parameters())
+        assert_equals_reference(module(x), strided, x)
+
+
 def test_refused_calls_run_the_reference(ext, monkeypatch):
     spec = make_spec(depth=3, activation="gelu", seed=14)
     x = random_input(spec, (5,), 15)

@@ -54,7 +54,10 @@ class FusedFFF(FastTree, nn.Module):
         self.source, self.where = spec.source, where
         for name in _WEIGHTS:
             value = getattr(spec, name)
-            self.register_parameter(name, None if value is None else nn.Parameter(value.detach().clone()))
+            # a contiguous copy: a spec read from a Linear may hold transposed views, and every
+            # backend (the C++ kernel above all) reads rows
+            self.register_parameter(name, None if value is None else
+                                    nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format)))
         self._drop_fast()
 
     # ----------------------------------------------------------------- the C++ handle (fast_path.FastTree)

@@ -606,7 +606,9 @@ at::Tensor neuron_tree(const at::Tensor& x, const at::Tensor& node_weight, const
     TORCH_CHECK(out_bias.dim() == 1 && out_bias.size(0) == out_weight.size(2), "out_bias must be (", out_weight.size(2), ",)");
   }
   const at::Tensor X = x.contiguous();
-  at::Tensor nw = node_weight.contiguous(), nb = node_bias.contiguous(), ow = out_weight.contiguous(), ob = out_bias.contiguous();
+  // With the packed copy the kernel reads W and V from it: no per-call copy of a strided node_weight / out_weight.
+  at::Tensor nw = packed.has_value() ? node_weight : node_weight.contiguous(), nb = node_bias.contiguous(),
+             ow = packed.has_value() ? out_weight : out_weight.contiguous(), ob = out_bias.contiguous();
   const int64_t d_out = ow.size(2), nodes = nw.size(1);
   c10::SmallVector<int64_t, 4> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
@@ -655,9 +657,18 @@ struct Prepared {
   at::Tensor packed;
   int64_t packed_versions[2] = {-1, -1};
   const void* packed_ptrs[2] = {nullptr, nullptr};
-  at::Tensor copies[6];               // bf16: the weights rounded once, rebuilt when a source changes
+  // The tensors the kernel reads when they cannot be the weights themselves: bf16, the weights rounded
+  // once; or a strided weight (a transposed Linear weight read as out_weight, say), a contiguous copy,
+  // which the kernel would otherwise make on every call (the whole layer, ~16 ms at UltraFastBERT's
+  // shape). Rebuilt when a source changes (version counter, storage, shape), never per call.
+  at::Tensor copies[6];
   int64_t copy_versions[6] = {-1, -1, -1, -1, -1, -1};
   const void* copy_ptrs[6] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+
+  bool strided() const {
+    return !(nw.is_contiguous() && nb.is_contiguous() && a.is_contiguous() && b.is_contiguous() &&
+             (!w2 || !w2->defined() || w2->is_contiguous()) && (!b2 || !b2->defined() || b2->is_contiguous()));
+  }
 
   void refresh_copies() {
     const at::Tensor* src[6] = {&nw, &nb, &a, &b, w2 && w2->defined() ? &*w2 : nullptr, b2 && b2->defined() ? &*b2 : nullptr};
@@ -669,7 +680,8 @@ struct Prepared {
     if (!stale) return;
     for (int i = 0; i < 6; ++i) {
       if (!src[i]) { copies[i] = at::Tensor(); continue; }
-      copies[i] = src[i]->to(at::kBFloat16).contiguous().clone();  // clone: never an alias of a bf16 source
+      copies[i] = bf16 ? src[i]->to(at::kBFloat16).contiguous().clone()  // clone: never an alias of a bf16 source
+                       : src[i]->contiguous();                             // the very tensor when contiguous already
       copy_versions[i] = src[i]->_version();
       copy_ptrs[i] = src[i]->data_ptr();
     }
@@ -677,13 +689,14 @@ struct Prepared {
   }
 
   at::Tensor call(const at::Tensor& x) {
-    if (bf16) refresh_copies();
-    const at::Tensor& NW = bf16 ? copies[0] : nw;
-    const at::Tensor& NB = bf16 ? copies[1] : nb;
-    const at::Tensor& A = bf16 ? copies[2] : a;
-    const at::Tensor& B = bf16 ? copies[3] : b;
+    const bool copied = bf16 || strided();
+    if (copied) refresh_copies();
+    const at::Tensor& NW = copied ? copies[0] : nw;
+    const at::Tensor& NB = copied ? copies[1] : nb;
+    const at::Tensor& A = copied ? copies[2] : a;
+    const at::Tensor& B = copied ? copies[3] : b;
     if (leaf) {
-      if (!bf16) return leaf_mlp_tree(x, nw, nb, a, b, w2, b2, act, tie_ge, -1);
+      if (!copied) return leaf_mlp_tree(x, nw, nb, a, b, w2, b2, act, tie_ge, -1);
       c10::optional<at::Tensor> W2, B2;
       if (copies[4].defined()) W2 = copies[4];
       if (copies[5].defined()) B2 = copies[5];
