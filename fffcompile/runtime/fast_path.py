@@ -32,6 +32,11 @@ from torch.nn.modules import module as _module
 
 from . import cpu_kernel
 
+_TENSOR = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
+_tracing_state = torch._C._get_tracing_state
+_is_compiling = torch.compiler.is_compiling
+
 
 class FastTree:
     _FAST_WATCH: frozenset = frozenset()
@@ -110,18 +115,21 @@ class FastTree:
     def __call__(self, *args, **kwargs):
         # The handle straight from the call when nothing a Module call provides is in use (no hooks,
         # no compiled call, no tracing) and forward would return the tree unchanged: saves nn.Module's
-        # call machinery, about a microsecond, a fifth of a batch-1 call. Anything else, or an input
-        # the handle refuses (wrong device, dtype or width: it raises), takes the ordinary path.
-        if (self._fast and self._fast_direct and len(args) == 1 and not kwargs and type(args[0]) is torch.Tensor
-                and self._compiled_call_impl is None and self._fast_allowed()
-                and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
-                         or _module._global_forward_hooks or _module._global_forward_pre_hooks
-                         or _module._global_backward_hooks or _module._global_backward_pre_hooks)
-                and not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None):
-            try:
-                return self._run_fast(args[0])
-            except RuntimeError:
-                pass
+        # call machinery, a few microseconds of a batch-1 call (the checks are ordered cheapest
+        # first and bound to module globals: each costs ~0.1 us). Anything else, or an input the
+        # handle refuses (wrong device, dtype or width: it raises), takes the ordinary path.
+        fast = self._fast
+        if fast and self._fast_direct and len(args) == 1 and not kwargs:
+            x = args[0]
+            if (type(x) is _TENSOR and self._compiled_call_impl is None and self._fast_allowed()
+                    and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                             or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                             or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+                    and _tracing_state() is None and not _is_compiling()):
+                try:
+                    return fast(x) if not _grad_enabled() else self._run_fast(x)
+                except RuntimeError:
+                    pass
         return super().__call__(*args, **kwargs)
 
 
