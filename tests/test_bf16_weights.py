@@ -18,6 +18,8 @@ import fffcompile
 from fffcompile import ops, reference
 from fffcompile.compare import compare
 from fffcompile.runtime import FusedFFF, cpu_kernel
+import kernel_builds
+from kernel_builds import isas
 from specs import batch_shapes, make_spec, random_input, specs
 from threads import num_threads
 
@@ -29,17 +31,19 @@ def rounded(spec):
     return spec.replace(**{n: cpu_kernel.round_weight(getattr(spec, n), "bf16") for n in TREE if getattr(spec, n) is not None})
 
 
-@pytest.fixture(scope="module")
-def ext():
-    module = cpu_kernel.load()
-    if module is None:
+@pytest.fixture(scope="module", params=kernel_builds.BUILDS)
+def ext(request):
+    """The kernel build under test (kernel_builds): native, then the emulated AVX-512 path."""
+    if request.param == "native" and cpu_kernel.load() is None:
         pytest.skip(f"the CPU kernel is unavailable here ({cpu_kernel.failure()})")
-    return module
+    return kernel_builds.load(request.param)
 
 
-def isas(ext):
-    best = ext.isa()
-    return ["scalar"] + ([best] if best != "scalar" else [])
+@pytest.fixture(scope="module")
+def native():
+    if cpu_kernel.load() is None:
+        pytest.skip(f"the CPU kernel is unavailable here ({cpu_kernel.failure()})")
+    return cpu_kernel.load()
 
 
 def run_bf16(ext, spec, x, isa):
@@ -112,7 +116,7 @@ def test_other_dtype_pairs_are_one_clear_error(ext):
 
 
 @pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
-def test_handle_keeps_a_bf16_copy_and_follows_the_weights(ext, form):
+def test_handle_keeps_a_bf16_copy_and_follows_the_weights(native, form):
     spec = make_spec(form=form, depth=4, d_in=24, d_out=10, leaf_width=6, trees=2, seed=5)
     module = FusedFFF(spec, weights="bf16").eval()
     x = random_input(spec, (33,), 6)
@@ -127,7 +131,7 @@ def test_handle_keeps_a_bf16_copy_and_follows_the_weights(ext, form):
 
 
 @pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
-def test_fallback_without_the_kernel_has_the_same_semantics(ext, form):
+def test_fallback_without_the_kernel_has_the_same_semantics(native, form):
     """The op path (no handle: autograd on) runs on the rounded weights too."""
     spec = make_spec(form=form, depth=3, d_in=16, d_out=7, leaf_width=4, trees=2, seed=8)
     module = FusedFFF(spec, weights="bf16").eval()
@@ -177,7 +181,7 @@ def test_optimize_rejects_an_unknown_weight_mode():
 
 
 @pytest.mark.parametrize("rows", [0, 1])
-def test_handle_batch_0_and_1(ext, rows):
+def test_handle_batch_0_and_1(native, rows):
     spec = make_spec(form="neuron_tree", depth=3, d_in=16, d_out=8, trees=2, seed=11)
     module = FusedFFF(spec, weights="bf16").eval()
     x = random_input(spec, (rows,), 12)

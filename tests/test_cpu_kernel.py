@@ -21,6 +21,8 @@ from fffcompile import ops, reference
 from fffcompile.compare import compare
 from fffcompile.runtime import FusedFFF, cpu_kernel
 from fffcompile.spec import ACTIVATIONS, DTYPES, FFFSpec
+import kernel_builds
+from kernel_builds import isas
 from specs import batch_shapes, make_spec, random_input, specs
 from threads import num_threads
 
@@ -31,17 +33,16 @@ if shutil.which(os.environ.get("CXX", "c++")) is None:
                 allow_module_level=True)
 
 
+@pytest.fixture(scope="module", params=kernel_builds.BUILDS)
+def ext(request):
+    """The kernel build under test (kernel_builds): native, then the emulated AVX-512 path."""
+    return kernel_builds.load(request.param)
+
+
 @pytest.fixture(scope="module")
-def ext():
-    module = cpu_kernel.load()
-    assert module is not None, f"the CPU kernel failed to build: {cpu_kernel.failure()}"
-    return module
-
-
-def isas(ext):
-    """Instruction sets to test: scalar, and the best this CPU runs when that is not scalar."""
-    best = ext.isa()
-    return ["scalar"] + ([best] if best != "scalar" else [])
+def native():
+    """The build the package itself loads (for tests of the ops, the handle and FusedFFF)."""
+    return kernel_builds.load("native")
 
 
 def run_ext(ext, spec: FFFSpec, x: torch.Tensor, isa: str) -> torch.Tensor:
@@ -57,8 +58,8 @@ def assert_equals_reference(out, spec, x):
     assert result, result.summary()
 
 
-def test_kernel_is_built_and_registered(ext):
-    assert ext.isa() in ("avx512", "avx2", "scalar")
+def test_kernel_is_built_and_registered(native):
+    assert native.isa() in ("avx512", "avx2", "scalar")
     assert cpu_kernel.available() and cpu_kernel.failure() is None
     spec = make_spec(depth=3)
     x = random_input(spec, (4,), 0)
@@ -77,7 +78,7 @@ def test_kernel_equals_reference(ext, spec, lead, seed):
 
 @settings(max_examples=15)
 @given(spec=specs(master=False, max_depth=4), seed=st.integers(0, 2 ** 31 - 1))
-def test_op_through_the_dispatcher_runs_the_kernel(ext, spec, seed):
+def test_op_through_the_dispatcher_runs_the_kernel(native, spec, seed):
     x = random_input(spec, (3, 5), seed)
     cpu_kernel.last_path = None
     out = ops.run_tree(spec, x)
@@ -167,7 +168,7 @@ def test_noncontiguous_input_and_weights(ext):
 
 
 @pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
-def test_prepared_handle_with_transposed_weights(ext, form):
+def test_prepared_handle_with_transposed_weights(native, form):
     # A spec read from nn.Linear layers holds transposed views (out_weight = linear_out.weight.T):
     # the handle keeps one contiguous copy, follows in-place updates of the source, and FusedFFF
     # stores its parameters contiguous (it once copied the whole layer on every call: 16 ms at batch 1).
@@ -191,7 +192,7 @@ def test_prepared_handle_with_transposed_weights(ext, form):
         assert_equals_reference(module(x), strided, x)
 
 
-def test_refused_calls_run_the_reference(ext, monkeypatch):
+def test_refused_calls_run_the_reference(native, monkeypatch):
     spec = make_spec(depth=3, activation="gelu", seed=14)
     x = random_input(spec, (5,), 15)
     # x in another dtype than the weights: the kernel refuses, the reference converts
@@ -254,7 +255,7 @@ def test_import_does_not_build():
 
 
 @pytest.mark.parametrize("form", ["leaf_mlp", "neuron_tree"])
-def test_fused_module_inference_and_training(ext, form):
+def test_fused_module_inference_and_training(native, form):
     spec = make_spec(form=form, depth=4, d_in=24, d_out=12, leaf_width=8, trees=2, activation="silu",
                      master=3 if form == "leaf_mlp" else 0, seed=16)
     module = FusedFFF(spec).eval()
@@ -271,7 +272,7 @@ def test_fused_module_inference_and_training(ext, form):
         assert_equals_reference(fast, spec, x)
 
 
-def test_fused_module_fast_path_is_used_and_follows_the_weights(ext):
+def test_fused_module_fast_path_is_used_and_follows_the_weights(native):
     import copy
     import pickle
     spec = make_spec(form="neuron_tree", depth=3, d_in=16, d_out=8, trees=2, activation="gelu", seed=18)
@@ -297,7 +298,7 @@ def test_fused_module_fast_path_is_used_and_follows_the_weights(ext):
         torch.testing.assert_close(restored(x64), module(x64))
 
 
-def test_fused_module_fast_call_leaves_hooks_tracing_and_export_alone(ext):
+def test_fused_module_fast_call_leaves_hooks_tracing_and_export_alone(native):
     spec = make_spec(form="leaf_mlp", depth=3, d_in=12, d_out=6, leaf_width=4, seed=20)
     module = FusedFFF(spec).eval()
     x = random_input(spec, (3,), 21)
@@ -319,7 +320,7 @@ def test_fused_module_fast_call_leaves_hooks_tracing_and_export_alone(ext):
     torch.testing.assert_close(exported.module()(x), expected)
 
 
-def test_fused_module_under_torch_compile_keeps_the_op(ext):
+def test_fused_module_under_torch_compile_keeps_the_op(native):
     spec = make_spec(form="neuron_tree", depth=3, d_in=12, d_out=6, trees=2, seed=22)
     model = torch.nn.Sequential(torch.nn.Linear(12, 12), FusedFFF(spec)).eval()
     x = torch.randn(3, 12)
@@ -373,7 +374,7 @@ def test_a_stale_build_lock_is_removed(tmp_path):
 
 
 @pytest.mark.parametrize("form,linear", [("leaf_mlp", False), ("leaf_mlp", True), ("neuron_tree", False)])
-def test_fused_module_fast_path_under_autograd_has_the_ops_gradients(ext, form, linear):
+def test_fused_module_fast_path_under_autograd_has_the_ops_gradients(native, form, linear):
     spec = make_spec(form=form, depth=3, d_in=10, d_out=6, leaf_width=5, trees=2, activation="gelu",
                      linear_leaves=linear, dtype=torch.float64, seed=25)
     fast, slow = FusedFFF(spec), FusedFFF(spec)

@@ -72,12 +72,36 @@ _disabled = os.environ.get("FFFCOMPILE_CPU_KERNEL", "1") == "0"
 CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
 
 
-def _extension_name() -> str:
+# Tests only: the AVX-512 path compiled over SIMDe's portable AVX-512 (csrc/avx512_emulated.h) and
+# always chosen, so it runs on a CPU without AVX-512 (``load_emulated_avx512``).
+EMULATED_AVX512_CFLAGS = CFLAGS + ["-DFFF_EMULATE_AVX512"]
+SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")
+
+
+def _extension_name(cflags=CFLAGS, prefix="fffcompile_cpu") -> str:
     digest = hashlib.sha256(torch.__version__.encode())
-    digest.update(" ".join(CFLAGS).encode())
-    for name in SOURCES:
+    digest.update(" ".join(cflags).encode())
+    for name in SOURCES + (("avx512_emulated.h",) if cflags is EMULATED_AVX512_CFLAGS else ()):
         digest.update((CSRC / name).read_bytes())
-    return f"fffcompile_cpu_{digest.hexdigest()[:12]}"
+    return f"{prefix}_{digest.hexdigest()[:12]}"
+
+
+def _build(name: str, cflags: list):
+    from torch.utils import cpp_extension
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    _remove_stale_lock(cpp_extension, name)
+    return cpp_extension.load(name=name, sources=[str(CSRC / "fff_kernels.cpp")], extra_include_paths=[str(CSRC)],
+                              extra_cflags=cflags, verbose=os.environ.get("FFFCOMPILE_BUILD_VERBOSE") == "1")
+
+
+def load_emulated_avx512():
+    """Tests only: a separate build of the kernel whose AVX-512 path runs on SIMDe's portable AVX-512
+    (``ext.isa() == "avx512"`` on any CPU), or raise RuntimeError saying what is missing. Slow; the
+    numbers are the AVX-512 path's own (same code, same lane count and summation order)."""
+    if not SIMDE_HEADER.exists():
+        raise RuntimeError(f"SIMDe is not installed ({SIMDE_HEADER} missing: apt-get install libsimde-dev)")
+    return _build(_extension_name(EMULATED_AVX512_CFLAGS, "fffcompile_cpu_avx512emu"), EMULATED_AVX512_CFLAGS)
 
 
 def load():
@@ -92,13 +116,7 @@ def load():
             _failure = "disabled by FFFCOMPILE_CPU_KERNEL=0"
             return None
         try:
-            from torch.utils import cpp_extension
-            if not cpp_extension.is_ninja_available():
-                raise RuntimeError("ninja is not installed (pip install ninja)")
-            _remove_stale_lock(cpp_extension, _extension_name())
-            _extension = cpp_extension.load(
-                name=_extension_name(), sources=[str(CSRC / "fff_kernels.cpp")], extra_include_paths=[str(CSRC)],
-                extra_cflags=CFLAGS, verbose=os.environ.get("FFFCOMPILE_BUILD_VERBOSE") == "1")
+            _extension = _build(_extension_name(), CFLAGS)
         except Exception as error:  # compiler missing, build failure: fall back, say it once
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             _failure = f"{type(error).__name__}: {first_line}"

@@ -10,9 +10,11 @@
 // rounded once on store (reference.py's rule). One mixed pair: float32 x / out with bfloat16 weights
 // (the optional reduced-precision weight copy, `Prepared(..., bf16=True)`, halving the weight traffic
 // that bounds the kernel): the weights are widened on load as above, x is read and out written in
-// float32, so it computes reference.hard of the spec whose weights are rounded to bfloat16. The AVX-512 path is compiled wherever the compiler
-// knows the target and runs where the CPU reports avx512f; the development machine (AMD Zen 3)
-// has none, so it has compiled but not yet run.
+// float32, so it computes reference.hard of the spec whose weights are rounded to bfloat16. The
+// AVX-512 path is compiled wherever the compiler knows the target and runs where the CPU reports
+// avx512f. The development machine (AMD Zen 3) has none: there the kernel tests run that path
+// through a second build on SIMDe's portable AVX-512 (-DFFF_EMULATE_AVX512, avx512_emulated.h;
+// tests/kernel_builds.py). It has never run, or been timed, on AVX-512 hardware.
 //
 // Two paths take the same decisions (the tie rule on the same a_n; only the summation order of
 // the dot products differs, so they agree to rounding, and exactly on ties at a_n = 0):
@@ -88,6 +90,10 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#ifdef FFF_EMULATE_AVX512
+#include <simde/x86/avx512.h>
+#include <simde/x86/f16c.h>
+#endif
 #define FFF_X86 1
 #else
 #define FFF_X86 0
@@ -236,9 +242,18 @@ template <> struct VecFor<c10::Half> { using type = F16; };
 #pragma GCC pop_options
 
 // AVX-512F: compiled wherever the compiler supports the target, chosen only on CPUs that report it.
+// With -DFFF_EMULATE_AVX512 (tests only: cpu_kernel.load_emulated_avx512) the same code runs on
+// SIMDe's portable AVX-512 (avx512_emulated.h) on any AVX2 CPU, and is the path always chosen.
 #pragma GCC push_options
+#ifdef FFF_EMULATE_AVX512
+#pragma GCC target("avx2,fma,f16c")
+#else
 #pragma GCC target("avx512f,avx2,fma,f16c")
+#endif
 namespace avx512_isa {
+#ifdef FFF_EMULATE_AVX512
+#include "avx512_emulated.h"
+#endif
 struct F32 {
   using S = float; using A = float; using R = __m512; static constexpr int W = 16;
   static inline R zero() { return _mm512_setzero_ps(); }
@@ -287,6 +302,9 @@ template <> struct VecFor<c10::Half> { using type = F16; };
 enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
 int detected_isa() {
+#ifdef FFF_EMULATE_AVX512
+  return ISA_AVX512;
+#endif
 #if FFF_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return ISA_AVX512;
