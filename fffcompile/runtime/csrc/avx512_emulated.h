@@ -31,34 +31,42 @@ inline __m256i _mm256_loadu_si256(const __m256i* p) { return simde_mm256_loadu_s
 inline __m512 _mm512_castsi512_ps(__m512i v) { return simde_mm512_castsi512_ps(v); }
 inline __m512i _mm512_slli_epi32(__m512i v, unsigned int n) { return simde_mm512_slli_epi32(v, n); }
 
+// The sum of n lanes, pairwise (n a power of two).
+template <class T>
+inline T sum_lanes(T* lane, int n) {
+  for (int half = n / 2; half >= 1; half /= 2)
+    for (int i = 0; i < half; ++i) lane[i] += lane[i + half];
+  return lane[0];
+}
+
 inline float _mm512_reduce_add_ps(__m512 v) {
   float lane[16];
   simde_mm512_storeu_ps(lane, v);
-  for (int half = 8; half >= 1; half /= 2)
-    for (int i = 0; i < half; ++i) lane[i] += lane[i + half];
-  return lane[0];
+  return sum_lanes(lane, 16);
 }
 
 inline double _mm512_reduce_add_pd(__m512d v) {
   double lane[8];
   simde_mm512_storeu_pd(lane, v);
-  for (int half = 4; half >= 1; half /= 2)
-    for (int i = 0; i < half; ++i) lane[i] += lane[i + half];
-  return lane[0];
+  return sum_lanes(lane, 8);
+}
+
+// 16 unsigned 16-bit lanes, each converted by `widen` into a 32-bit lane.
+template <class T, class Widen>
+inline void widen_u16(__m256i h, T* out, Widen widen) {
+  uint16_t in[16];
+  simde_mm256_storeu_si256(reinterpret_cast<simde__m256i*>(in), h);
+  for (int i = 0; i < 16; ++i) out[i] = widen(in[i]);
 }
 
 inline __m512i _mm512_cvtepu16_epi32(__m256i h) {
-  uint16_t in[16];
   int32_t out[16];
-  simde_mm256_storeu_si256(reinterpret_cast<simde__m256i*>(in), h);
-  for (int i = 0; i < 16; ++i) out[i] = static_cast<int32_t>(in[i]);
+  widen_u16(h, out, [](uint16_t u) { return static_cast<int32_t>(u); });
   return simde_mm512_loadu_si512(out);
 }
 
 inline __m512 _mm512_cvtph_ps(__m256i h) {
-  uint16_t in[16];
   float out[16];
-  simde_mm256_storeu_si256(reinterpret_cast<simde__m256i*>(in), h);
-  for (int i = 0; i < 16; ++i) out[i] = static_cast<float>(c10::Half(in[i], c10::Half::from_bits()));
+  widen_u16(h, out, [](uint16_t u) { return static_cast<float>(c10::Half(u, c10::Half::from_bits())); });
   return simde_mm512_loadu_ps(out);
 }
