@@ -277,6 +277,26 @@ void leaf_apply(const LeafArgs& p, int64_t j, const int64_t* rows, int64_t count
 
 // ------------------------------------------------------------------------------------------- form B
 
+// One level of form B's descent for nr rows (pointers past nr repeat row 0) at nodes node[0:nr):
+// a = x . W_node + b; slot k of each row's alpha / vrow (rows `stride` apart) gets act(a) and the
+// node's V row; node moves to the child the tie rule picks.
+template <class V, class S>
+inline void neuron_level(const NeuronArgs& p, int nr, const typename V::A* const* xr, const S* TW, const S* TB,
+                         const S* TV, int64_t* node, int64_t stride, int64_t k, typename V::A* alpha, const S** vrow) {
+  using A = typename V::A;
+  const S* wr[4];
+  A z[4];
+  for (int r = 0; r < 4; ++r) wr[r] = TW + node[r < nr ? r : 0] * p.w_stride;
+  dots_rows<V>(nr, xr, wr, p.d_in, z);
+  for (int r = 0; r < nr; ++r) {
+    const A a = z[r] + static_cast<A>(TB[node[r]]);
+    const bool right = p.tie_ge ? (a >= A(0)) : (a > A(0));
+    alpha[r * stride + k] = activation<A>(p.act, a);
+    vrow[r * stride + k] = TV + node[r] * p.v_stride;
+    node[r] = 2 * node[r] + 1 + (right ? 1 : 0);
+  }
+}
+
 // Per block of up to 4 rows: descend every tree recording each path neuron's act(a) and its
 // output row, then write each row's output in one pass over all its path rows (gather_sum).
 template <class S, class XS>
@@ -306,10 +326,7 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
       const S* TB = NB + t * n;
       const S* TV = OW + t * n * sv;
       int64_t node[4] = {0, 0, 0, 0};
-      const S* wr[4];
-      A z[4];
       for (int level = 0; level <= p.depth; ++level, ++k) {
-        for (int r = 0; r < 4; ++r) wr[r] = TW + node[r < nr ? r : 0] * sw;
         if (level < p.depth && p.child_mode == 2)  // both children's W rows, a level ahead of their use
           for (int r = 0; r < nr; ++r) prefetch_bytes(TW + (2 * node[r] + 1) * sw, (sw + d) * int64_t(sizeof(S)));
         if (level < p.depth && p.child_mode == 1)  // the first 4 lines of both children's W rows: starts their streams
@@ -317,14 +334,7 @@ void neuron_rows(const NeuronArgs& p, int64_t begin, int64_t end) {
             prefetch_bytes(TW + (2 * node[r] + 1) * sw, 256);
             prefetch_bytes(TW + (2 * node[r] + 2) * sw, 256);
           }
-        dots_rows<V>(nr, xr, wr, d, z);
-        for (int r = 0; r < nr; ++r) {
-          const A a = z[r] + static_cast<A>(TB[node[r]]);
-          const bool right = p.tie_ge ? (a >= A(0)) : (a > A(0));
-          alpha[r * K + k] = activation<A>(p.act, a);
-          vrow[r * K + k] = TV + node[r] * sv;
-          node[r] = 2 * node[r] + 1 + (right ? 1 : 0);
-        }
+        neuron_level<V>(p, nr, xr, TW, TB, TV, node, K, k, alpha.data(), vrow.data());
       }
     }
     for (int r = 0; r < nr; ++r) {
@@ -496,7 +506,7 @@ template <class S>
 void neuron_top(const NeuronArgs& p, const GroupCtx& c, int64_t begin, int64_t end) {
   using V = Vec<S>;
   using A = typename V::A;
-  const int64_t d = p.d_in, m = p.d_out, n = p.nodes, sw = p.w_stride, sv = p.v_stride;
+  const int64_t m = p.d_out, n = p.nodes, sw = p.w_stride, sv = p.v_stride;
   const S* TW = static_cast<const S*>(p.node_weight) + c.tree * n * sw;
   const S* TB = static_cast<const S*>(p.node_bias) + c.tree * n;
   const S* TV = static_cast<const S*>(p.out_weight) + c.tree * n * sv;
@@ -507,21 +517,9 @@ void neuron_top(const NeuronArgs& p, const GroupCtx& c, int64_t begin, int64_t e
   for (int64_t r0 = begin; r0 < end; r0 += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, end - r0));
     const A* xr[4];
-    const S* wr[4];
     int64_t node[4] = {0, 0, 0, 0};
-    A z[4];
     for (int r = 0; r < 4; ++r) xr[r] = static_cast<const A*>(c.xr[r0 + (r < nr ? r : 0)]);
-    for (int level = 0; level < K; ++level) {
-      for (int r = 0; r < 4; ++r) wr[r] = TW + node[r < nr ? r : 0] * sw;
-      dots_rows<V>(nr, xr, wr, d, z);
-      for (int r = 0; r < nr; ++r) {
-        const A a = z[r] + static_cast<A>(TB[node[r]]);
-        const bool right = p.tie_ge ? (a >= A(0)) : (a > A(0));
-        alpha[r * K + level] = activation<A>(p.act, a);
-        vrow[r * K + level] = TV + node[r] * sv;
-        node[r] = 2 * node[r] + 1 + (right ? 1 : 0);
-      }
-    }
+    for (int level = 0; level < K; ++level) neuron_level<V>(p, nr, xr, TW, TB, TV, node, K, level, alpha, vrow);
     for (int r = 0; r < nr; ++r) {
       A* y = static_cast<A*>(c.yr[r0 + r]);
       if (c.tree == 0) gather_sum<V>(y, OB, vrow + r * K, alpha + r * K, K, m);
