@@ -37,44 +37,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fffcompile.benchmark import UltraFastBERTLayer  # noqa: E402
 from fffcompile.onnx import fff_node, insert_fff_nodes  # noqa: E402
 from fffcompile.spec import FFFSpec  # noqa: E402
-
-
-class UltraFastBERTLayer(nn.Module):
-    """The published UltraFastBERT training forward: every neuron computed, masked to the hard paths."""
-
-    def __init__(self, width: int, depth: int, trees: int):
-        super().__init__()
-        self.width, self.depth, self.trees = width, depth, trees
-        self.n_nodes = 2 ** (depth + 1) - 1
-        self.linear_in = nn.Linear(width, trees * self.n_nodes)
-        self.linear_out = nn.Linear(trees * self.n_nodes, width, bias=False)
-        self.activation = nn.GELU()
-
-    def forward(self, x):
-        flat = x.reshape(-1, self.width)
-        rows = flat.shape[0]
-        logits = self.linear_in(flat)
-        decisions = (logits > 0).long().view(rows, self.trees, self.n_nodes)
-        activations = self.activation(logits).view(rows, self.trees, self.n_nodes)
-        with torch.no_grad():
-            current = torch.zeros((rows, self.trees), dtype=torch.long, device=x.device)
-            mask = torch.zeros_like(activations)
-            mask.scatter_(2, current.unsqueeze(-1), 1.0)
-            for level in range(self.depth):
-                moves = torch.gather(decisions, 2, current.unsqueeze(2)).squeeze(2)
-                current = (current - (2 ** level - 1)) * 2 + moves + (2 ** (level + 1) - 1)
-                mask.scatter_(2, current.unsqueeze(-1), 1.0)
-        out = self.linear_out((activations * mask).flatten(1, 2))
-        return out.reshape(*x.shape[:-1], self.width)
-
-    def spec(self) -> FFFSpec:
-        w_in, b_in = self.linear_in.weight.detach(), self.linear_in.bias.detach()
-        w_out = self.linear_out.weight.detach().T.reshape(self.trees, self.n_nodes, self.width)
-        return FFFSpec("neuron_tree", self.depth, "gelu", node_weight=w_in.reshape(self.trees, self.n_nodes, self.width),
-                       node_bias=b_in.reshape(self.trees, self.n_nodes), out_weight=w_out.contiguous(),
-                       out_bias=torch.zeros(self.width), tie="gt", source="hard")
 
 
 def dense_layer(width: int, hidden: int) -> nn.Module:

@@ -9,12 +9,14 @@ Two shapes (issue 4):
 Methods, all on the same weights and the same input rows:
 
 - ``dense``: Linear -> activation -> Linear of the training width (the baseline of every ratio);
-- ``soft``: the training graph (form B: every neuron times a 0/1 path mask, ``fffcompile.nn.NeuronTree``
-  in train mode; form A: the ``fastfeedforward`` package's training forward, mixing all leaves);
+- ``soft``: the training graph (form B: the published UltraFastBERT training layer, every neuron
+  times a 0/1 path mask, ``UltraFastBERTLayer``; form A: the ``fastfeedforward`` package's training
+  forward, mixing all leaves);
 - ``ff_eval``: the ``fastfeedforward`` package's own eval path (form A only);
 - ``torch_hard``: the vectorised hard form in torch eager (``reference.hard``: one gather per level);
 - ``torch_hard_compiled``: the same function through ``torch.compile`` (one compile per batch size);
-- ``fffcompile``: ``fffcompile.optimize(model)`` of the soft model (``FusedFFF`` and its C++ kernel).
+- ``fffcompile``: ``fffcompile.optimize(model)`` of that layer (UltraFastBERT's own layer, or
+  fastfeedforward's in eval mode): ``FusedFFF`` and its C++ kernel, as a user gets it.
 - ``fffcompile_bf16``: ``fffcompile.optimize(model, weights="bf16")``: the same kernel on a bfloat16
   copy of the weights (x, sums, output float32); checked against ``reference.hard`` of the spec with
   its weights rounded to bfloat16, its error against the float32 hard form printed with the checks.
@@ -60,6 +62,44 @@ class Shape:
     notes: list[str] = field(default_factory=list)
 
 
+class UltraFastBERTLayer(nn.Module):
+    """The published UltraFastBERT training layer, as its users write it: linear_in over every neuron,
+    GELU, a 0/1 path mask built with gather/scatter under no_grad, linear_out (its forward is already
+    the hard form; ``fffcompile bench``'s "soft" column and ``optimize()``'s input for the ufb shape)."""
+
+    def __init__(self, width: int, depth: int, trees: int):
+        super().__init__()
+        self.width, self.depth, self.trees = width, depth, trees
+        self.n_nodes = 2 ** (depth + 1) - 1
+        self.linear_in = nn.Linear(width, trees * self.n_nodes)
+        self.linear_out = nn.Linear(trees * self.n_nodes, width, bias=False)
+        self.activation = nn.GELU()
+
+    def forward(self, x):
+        flat = x.reshape(-1, self.width)
+        rows = flat.shape[0]
+        logits = self.linear_in(flat)
+        decisions = (logits > 0).long().view(rows, self.trees, self.n_nodes)
+        activations = self.activation(logits).view(rows, self.trees, self.n_nodes)
+        with torch.no_grad():
+            current = torch.zeros((rows, self.trees), dtype=torch.long, device=x.device)
+            mask = torch.zeros_like(activations)
+            mask.scatter_(2, current.unsqueeze(-1), 1.0)
+            for level in range(self.depth):
+                moves = torch.gather(decisions, 2, current.unsqueeze(2)).squeeze(2)
+                current = (current - (2 ** level - 1)) * 2 + moves + (2 ** (level + 1) - 1)
+                mask.scatter_(2, current.unsqueeze(-1), 1.0)
+        out = self.linear_out((activations * mask).flatten(1, 2))
+        return out.reshape(*x.shape[:-1], self.width)
+
+    def spec(self) -> FFFSpec:
+        w_in, b_in = self.linear_in.weight.detach(), self.linear_in.bias.detach()
+        w_out = self.linear_out.weight.detach().T.reshape(self.trees, self.n_nodes, self.width)
+        return FFFSpec("neuron_tree", self.depth, "gelu", node_weight=w_in.reshape(self.trees, self.n_nodes, self.width),
+                       node_bias=b_in.reshape(self.trees, self.n_nodes), out_weight=w_out.contiguous(),
+                       out_bias=torch.zeros(self.width), tie="gt", source="hard")
+
+
 def _dense(width: int, hidden: int, activation: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Linear(width, hidden), activation, nn.Linear(hidden, width)).eval()
 
@@ -80,17 +120,14 @@ def _fused_of(model: nn.Module, example: torch.Tensor, spec: FFFSpec, notes: lis
 
 
 def build_ufb(seed: int = 0) -> Shape:
-    from .nn import NeuronTree
     torch.manual_seed(seed)
-    soft = NeuronTree(768, 768, depth=11, trees=1, activation="gelu", tie="gt")
-    spec = FFFSpec("neuron_tree", 11, "gelu", node_weight=soft.in_weight.detach(), node_bias=soft.in_bias.detach(),
-                   out_weight=soft.out_weight.detach(), out_bias=soft.out_bias.detach(), tie="gt", source="hard")
+    soft = UltraFastBERTLayer(768, 11, 1).eval()
+    spec = soft.spec()
     shape = Shape("ufb", "UltraFastBERT 1x11 (d 768, depth 11, 12/4095 neurons) vs dense 768-3072-768", spec)
     shape.methods["dense"] = _dense(768, 3072, nn.GELU())
-    shape.methods["soft"] = soft.train()
-    shape.methods["fffcompile"] = _fused_of(soft.eval(), torch.randn(8, 768), spec, shape.notes)
-    shape.methods["fffcompile_bf16"] = _fused_of(soft.eval(), torch.randn(8, 768), spec, shape.notes, "bf16")
-    soft.train()
+    shape.methods["soft"] = soft
+    shape.methods["fffcompile"] = _fused_of(soft, torch.randn(8, 768), spec, shape.notes)
+    shape.methods["fffcompile_bf16"] = _fused_of(soft, torch.randn(8, 768), spec, shape.notes, "bf16")
     return shape
 
 
