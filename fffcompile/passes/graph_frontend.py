@@ -71,7 +71,16 @@ def analyse(gm: fx.GraphModule, inputs: tuple, kwargs: dict, seed: int = 0):
     values = _record(gm, inputs, kwargs, [c.x for c in candidates])
     outcomes = []
     for cand in candidates:
-        outcomes.append(_decide(facts, constants, cand, values.get(cand.x), seed))
+        if not cand.fallback:
+            outcomes.append(_decide(facts, constants, cand, values.get(cand.x), seed))
+    # a fallback reading (every sigmoid on x a decision, graph_anchor) only where no first reading of x confirmed
+    done = {o[0].x for o in outcomes if isinstance(o[3], GraphConfirmed)}
+    for cand in candidates:
+        if cand.fallback and cand.x not in done:
+            outcome = _decide(facts, constants, cand, values.get(cand.x), seed)
+            if isinstance(outcome[3], GraphConfirmed):
+                outcomes = [o for o in outcomes if o[0].x is not cand.x or isinstance(o[3], GraphConfirmed)]
+                outcomes.append(outcome)
     return facts, outcomes
 
 
