@@ -96,23 +96,25 @@ def _live(facts: GraphFacts, n: fx.Node) -> list[fx.Node]:
     return [i for i in n.all_input_nodes if facts.depends.get(i) and facts.name[i] not in SHAPE_ONLY]
 
 
-def _reads_index(facts: GraphFacts, n: fx.Node, steps: int = 4) -> bool:
-    """An integer/bool tensor among n's inputs within a few float steps (an index gathered into data)."""
+def _reads_index(facts: GraphFacts, n: fx.Node, steps: int = 4, decided=None) -> bool:
+    """An integer/bool tensor among n's inputs within a few float steps (an index gathered into data);
+    with ``decided``, only an index among those nodes (one computed from decisions: not token ids)."""
     frontier = [n]
     for _ in range(steps):
         nxt = []
         for m in frontier:
             for i in _live(facts, m):
-                if is_float_tensor(i) is False:
+                if is_float_tensor(i) is False and (decided is None or i in decided):
                     return True
                 nxt.append(i)
         frontier = nxt
     return False
 
 
-def _data_input(facts: GraphFacts, z: fx.Node) -> "fx.Node | None":
+def _data_input(facts: GraphFacts, z: fx.Node, decided=None) -> "fx.Node | None":
     """For a hard decision whose logit also reads earlier decisions (z = x . W[n] with n from the
-    index recurrence): the one input x its float data comes from, past the index-dependent part."""
+    index recurrence): the one input x its float data comes from, past the index-dependent part
+    (``decided``: the values computed from decisions; an embedding of the model's token ids is data)."""
     found, seen, stack = set(), set(), [z]
     while stack:
         n = stack.pop()
@@ -127,7 +129,7 @@ def _data_input(facts: GraphFacts, z: fx.Node) -> "fx.Node | None":
             continue
         live = _live(facts, n)
         if n.op != "placeholder" and live and (len(live) > 1 or any(is_float_tensor(i) is False for i in live)) \
-                and _reads_index(facts, n):
+                and _reads_index(facts, n, decided=decided):
             stack.extend(live)
         else:
             found.add(n)
@@ -179,7 +181,7 @@ def find_candidates(facts: GraphFacts) -> list[Candidate]:
         groups.setdefault((x, kind), []).append(n)
     if hard:
         for n in hard:
-            x = _data_input(facts, n.args[0])
+            x = _data_input(facts, n.args[0], after)
             if x is not None and x is not n.args[0]:
                 groups.setdefault((x, "hard"), []).append(n)
     candidates = []
