@@ -43,12 +43,12 @@ FRONTENDS = ("module", "graph")
 class _HardenedOriginal(nn.Module):
     """The original layer run through the forward that confirmed it, with hardened sigmoids."""
 
-    def __init__(self, module: nn.Module, training: bool):
+    def __init__(self, module: nn.Module, training: bool, spec=None):
         super().__init__()
-        self.module, self.training_forward = module, training
+        self.module, self.training_forward, self.spec = module, training, spec
 
     def forward(self, x):
-        return run_original(self.module, x, self.training_forward, harden=True)
+        return run_original(self.module, x, self.training_forward, harden=True, spec=self.spec)
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -133,7 +133,8 @@ def optimize(model: nn.Module, example_inputs, *, example_kwargs: Optional[dict]
             hardened = copy.deepcopy(model)
             for name, outcome in confirmations.items():
                 original = hardened.get_submodule(name) if name else hardened
-                hardened = set_submodule(hardened, name, _HardenedOriginal(original, outcome.forward != "eval forward"))
+                hardened = set_submodule(hardened, name, _HardenedOriginal(original, outcome.forward != "eval forward",
+                                                                                outcome.spec))
         with torch.no_grad():
             optimized_out = _first_tensor(work(*inputs, **(example_kwargs or {})))
             hardened_out = _first_tensor(hardened(*inputs, **(example_kwargs or {})))

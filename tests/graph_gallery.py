@@ -13,7 +13,12 @@ path products through an index table), ``logsigmoid`` (log-sigmoid sums through 
 then ``exp``; leaves by ``bmm``), ``path_matrix`` (fixed 0/1 path matrices, batched matmul
 leaves), ``linear_nobias`` (nodes without bias, single-linear leaves), ``threshold``
 (per-node Linear(d, 1) routers with a learned threshold), ``master`` (form C: the tree blended
-with an always-on master MLP by a learned logit).
+with an always-on master MLP by a learned logit), ``level_params`` (an nn.ParameterList of
+per-level node weights, the mixture refined by an einsum outer product per level, leaves by
+``baddbmm``), ``seq_leaves`` (one router Linear, each leaf's path found by the parent recurrence
+from an ``arange`` of leaf ids, gathered and multiplied by ``cumprod`` over the levels, leaves an
+nn.ModuleList of Sequential(Linear, activation module, Linear) mixed by ``torch.stack`` and a
+weighted sum). Both take any activation, sigmoid included (not to be read as a decision).
 Form B styles: ``ultrafast`` (gather/scatter chains under no_grad), ``one_hot`` (the path mask
 as ``one_hot(...).sum``).
 Look-alikes: ``swapped`` (one level's children swapped), ``not_a_tree`` (sigmoid products over
@@ -306,6 +311,70 @@ class NotATree(Swapped):
             pl = p[:, :2 ** level]
             weights = (weights.unsqueeze(-1) * torch.stack((1 - pl, pl), -1)).reshape(x.shape[0], -1)
         return torch.einsum("bl,blo->bo", weights, self.leaves_einsum(x)).reshape(*shape[:-1], -1)
+
+
+class LevelParams(nn.Module):
+    """nn.ParameterList of per-level node weights (2^l, d) and biases; mixture by an einsum outer
+    product per level; leaves stacked, by ``baddbmm`` over x expanded to (L, rows, d)."""
+
+    def __init__(self, spec: FFFSpec):
+        super().__init__()
+        self.act, L = spec.activation, 2 ** spec.depth
+        self.ws = nn.ParameterList(P(spec.node_weight[2 ** l - 1: 2 ** (l + 1) - 1].clone()) for l in range(spec.depth))
+        self.bs = nn.ParameterList(P(spec.node_bias[2 ** l - 1: 2 ** (l + 1) - 1].clone()) for l in range(spec.depth))
+        self.W1, self.B1 = P(spec.leaf_w1.clone()), P(spec.leaf_b1.clone().unsqueeze(1))
+        self.W2, self.B2 = P(spec.leaf_w2.clone()), P(spec.leaf_b2.clone().unsqueeze(1))
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        xf = x.reshape(-1, x.shape[-1])
+        mu = xf.new_ones(xf.shape[0], 1)
+        for w, b in zip(self.ws, self.bs):
+            p = torch.sigmoid(F.linear(xf, w, b))
+            mu = torch.einsum("bn,bnc->bnc", mu, torch.stack([1 - p, p], -1)).reshape(xf.shape[0], -1)
+        xs = xf.unsqueeze(0).expand(self.W1.shape[0], -1, -1)
+        out = torch.baddbmm(self.B2, _act(self.act)(torch.baddbmm(self.B1, xs, self.W1)), self.W2)   # (L, rows, o)
+        return (mu.t().unsqueeze(-1) * out).sum(0).reshape(*lead, -1)
+
+
+_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+class SeqLeaves(nn.Module):
+    """One router Linear; each leaf's path by the parent recurrence from an arange of leaf ids, its
+    node probabilities gathered and multiplied by cumprod over the levels; leaves an nn.ModuleList
+    of Sequential(Linear, activation module, Linear), mixed by torch.stack and a weighted sum."""
+
+    def __init__(self, spec: FFFSpec):
+        super().__init__()
+        self.depth = spec.depth
+        self.router = nn.Linear(spec.d_in, 2 ** spec.depth - 1)
+        self.leaves = nn.ModuleList(nn.Sequential(nn.Linear(spec.d_in, spec.leaf_width), _MODULES[spec.activation](),
+                                                  nn.Linear(spec.leaf_width, spec.d_out)) for _ in range(2 ** spec.depth))
+        with torch.no_grad():
+            self.router.weight.copy_(spec.node_weight)
+            self.router.bias.copy_(spec.node_bias)
+            for j, leaf in enumerate(self.leaves):
+                leaf[0].weight.copy_(spec.leaf_w1[j].T)
+                leaf[0].bias.copy_(spec.leaf_b1[j])
+                leaf[2].weight.copy_(spec.leaf_w2[j].T)
+                leaf[2].bias.copy_(spec.leaf_b2[j])
+
+    def forward(self, x):
+        N, L, D = 2 ** self.depth - 1, 2 ** self.depth, self.depth
+        p = torch.sigmoid(self.router(x))                                         # (..., N)
+        node = torch.arange(L, device=x.device) + N                               # leaf ids, heap numbering
+        parents, right = [], []
+        for _ in range(D):
+            parent = torch.div(node - 1, 2, rounding_mode="floor")
+            right.append((node - 1) % 2)
+            parents.append(parent)
+            node = parent
+        idx = torch.stack(parents[::-1], -1)                                      # (L, D), root first
+        r = torch.stack(right[::-1], -1).to(x.dtype)
+        g = p.unsqueeze(-2).expand(*p.shape[:-1], L, N).gather(-1, idx.expand(*p.shape[:-1], L, D))
+        mu = torch.cumprod(r * g + (1 - r) * (1 - g), -1)[..., -1]               # (..., L)
+        return (mu.unsqueeze(-1) * torch.stack([leaf(x) for leaf in self.leaves], -2)).sum(-2)
 
 
 class Packed(nn.Module):

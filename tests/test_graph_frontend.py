@@ -192,6 +192,32 @@ def test_per_row_loop_is_rewritten_batch_generic():
     assert fast.report.model_check["exactness vs the hardened original"].passed
 
 
+class _TokenRowLoop(nn.Module):
+    """Token ids -> embedding -> a per-row hard loop: the loop's input is an embedding of integer ids."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.emb = nn.Embedding(50, spec.d_in)
+        self.ff = G.RowLoop(spec)
+
+    def forward(self, ids):
+        return self.ff(self.emb(ids))
+
+
+def test_per_row_loop_after_a_token_embedding():
+    """The per-level logits read x[r] of an embedding of integer token ids and node rows gathered by
+    the index recurrence: the ids are data, not an index computed from decisions."""
+    spec = _spec("hard_index", depth=2, activation="relu")
+    model = _TokenRowLoop(spec).eval()
+    fast = fffcompile.optimize(model, (torch.randint(0, 50, (2, 3)),), frontends=("graph",))
+    assert [(r.form, r.depth, r.where) for r in fast.report.rewritten] == [("A", 2, "ff")], str(fast.report)
+    assert len(fused_calls(fast)) == 1
+    for shape in ((2, 3), (4, 5), (1, 1)):
+        ids = torch.randint(0, 50, shape)
+        with torch.no_grad():
+            assert rel_err(fast(ids), reference.hard(spec, model.emb(ids))) < 1e-4
+
+
 def test_fastfeedforward_package_eval_forward_with_int_depth():
     """The shipped package's eval forward: a batched descent (index_select, bmm, >=, index
     arithmetic) then a Python loop over the rows for the leaves (``.item()`` leaf index, w1s/b1s/w2s,

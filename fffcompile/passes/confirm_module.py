@@ -54,14 +54,32 @@ class Refused:
     near_miss: Optional[str] = None
 
 
-def run_original(module: nn.Module, x: torch.Tensor, training: bool, harden: bool) -> torch.Tensor:
-    """module(x) with ``training`` set on the module itself only, optionally with hardened sigmoids."""
+def sigmoid_leaves(spec: Optional[FFFSpec]) -> bool:
+    return spec is not None and (spec.activation == "sigmoid" or spec.master_activation == "sigmoid")
+
+
+def leaf_preactivations(spec: FFFSpec, x: torch.Tensor) -> torch.Tensor:
+    """(rows, F): the values a sigmoid leaf activation of ``spec`` reads for input x (leaves, master, neurons)."""
+    X = x.reshape(-1, spec.d_in).double()
+    if spec.form == "neuron_tree":
+        return (torch.einsum("rd,pnd->rpn", X, spec.node_weight.double()) + spec.node_bias.double()).reshape(X.shape[0], -1)
+    parts = [(torch.einsum("rd,ldh->rlh", X, spec.leaf_w1.double()) + spec.leaf_b1.double()).reshape(X.shape[0], -1)]
+    if spec.master_w1 is not None:
+        parts.append(X @ spec.master_w1.double() + spec.master_b1.double())
+    return torch.cat(parts, 1)
+
+
+def run_original(module: nn.Module, x: torch.Tensor, training: bool, harden: bool,
+                 spec: Optional[FFFSpec] = None) -> torch.Tensor:
+    """module(x) with ``training`` set on the module itself only, optionally with hardened sigmoids
+    (those reading ``spec``'s leaf pre-activations, when its leaves' activation is a sigmoid, kept as they are)."""
     saved = module.training
     module.training = training
     try:
         with torch.no_grad():
             if harden:
-                with hardened_sigmoids(rows=x.numel() // max(1, x.shape[-1])):
+                keep = leaf_preactivations(spec, x) if sigmoid_leaves(spec) else None
+                with hardened_sigmoids(rows=x.numel() // max(1, x.shape[-1]), leaf_preactivations=keep):
                     return module(x)
             return module(x)
     finally:
@@ -82,13 +100,13 @@ def _probes(inputs: list[torch.Tensor], generator: torch.Generator) -> list[torc
     return list(inputs) + [noise.to(template.dtype)]
 
 
-def _hardened_outputs(module, probes, training, forward_name, d_out, seed):
+def _hardened_outputs(module, probes, training, forward_name, d_out, seed, spec=None):
     """The module's hardened outputs on every probe, or a reason why this forward cannot confirm."""
     try:
-        outs = [run_original(module, x, training, harden=True) for x in probes]
+        outs = [run_original(module, x, training, harden=True, spec=spec) for x in probes]
         with torch.random.fork_rng():
             torch.manual_seed(seed + 1)
-            again = run_original(module, probes[-1], training, harden=True)
+            again = run_original(module, probes[-1], training, harden=True, spec=spec)
     except Exception as error:  # a third-party forward may refuse probe shapes or modes
         return f"its {forward_name} failed on probe inputs ({type(error).__name__}: {error})"
     if not all(isinstance(y, torch.Tensor) and y.shape[-1] == d_out for y in outs):
@@ -121,17 +139,32 @@ def confirm(module: nn.Module, calls: Calls, seed: int = 0) -> Union[Confirmed, 
         else:
             expected[name] = outcome
     best: Optional[tuple[float, str]] = None
+    by_leaves: dict = {}      # sigmoid leaves: the hardened outputs per leaf pre-activation reading
+
+    def expected_for(spec):
+        if not sigmoid_leaves(spec):
+            return expected
+        key = _leaf_key(spec)
+        if key not in by_leaves:
+            by_leaves[key] = {}
+            for name, training in forwards:
+                outcome = _hardened_outputs(probe_module, probes, training, name, d_out, seed, spec=spec)
+                if not isinstance(outcome, str):
+                    by_leaves[key][name] = outcome
+        return by_leaves[key]
+
     for count, (spec, reading) in enumerate(_readings(probe_module, d_in, d_out)):
         if count >= _MAX_READINGS or not expected:
             break
         if spec.dtype != X.dtype:
             continue
         actual = reference.hard(spec, X)
-        for name, hard_out in expected.items():
+        for name, hard_out in expected_for(spec).items():
             result = exactness(spec, X, hard_out, actual=actual)
             if result.passed and result.ties_excluded < X.shape[0] // 2:
-                soft_forward = "training forward" if "training forward" in expected and bool(
-                    exactness(spec, X, expected["training forward"], actual=actual)) else name
+                outs = expected_for(spec)
+                soft_forward = "training forward" if "training forward" in outs and bool(
+                    exactness(spec, X, outs["training forward"], actual=actual)) else name
                 return _confirmed(probe_module, spec, reading, name, dict(forwards)[soft_forward], result, inputs,
                                   calls, original_dtype)
             if best is None or result.needed_rtol < best[0]:
@@ -141,6 +174,13 @@ def confirm(module: nn.Module, calls: Calls, seed: int = 0) -> Union[Confirmed, 
     if best is None:
         return Refused("its tensors fit an FFF by shape, but no reading of them makes a valid FFF")
     return Refused("no reading of its tensors reproduces its forward with hardened decisions", best[1])
+
+
+def _leaf_key(spec: FFFSpec) -> tuple:
+    """Identifies a reading's leaf pre-activation weights by content (readings differ mostly in node biases)."""
+    tensors = [spec.node_weight, spec.node_bias] if spec.form == "neuron_tree" else \
+        [spec.leaf_w1, spec.leaf_b1, spec.master_w1, spec.master_b1]
+    return tuple(None if t is None else (tuple(t.shape), t.detach().contiguous().numpy().tobytes()) for t in tensors)
 
 
 def _readings(module, d_in, d_out):

@@ -18,6 +18,13 @@ laid out by x's rows and also reads a "leaf side" (a value computed from x witho
 decision: leaf MLPs, neuron activations). The first few such nodes are offered in order; the
 numbers (graph_extract, graph_confirm) decide which one, if any, is the FFF.
 
+A sigmoid can also be a leaf MLP's activation (affine in x too). A plain sigmoid whose value,
+through element moves, is contracted with a constant weight (matmul/linear/einsum/bmm against
+parameters: a leaf's second layer) is proposed as a leaf activation: when a group of sigmoids
+on one x holds such ones and others, the others are the candidate's decisions (the first
+reading) and the whole group is kept as a ``fallback`` candidate, tried only when no first
+reading of that x is confirmed (a node sigmoid contracted with a constant 0/1 path selector).
+
 Must not fire on: a sigmoid of a constant (form C's blend, gates on parameters), decisions on
 something that is not affine in its input, or a gated residual / GLU without a mixture over a
 tree: those either produce no candidate or fail extraction or confirmation with a reason.
@@ -33,6 +40,8 @@ from .graph_canonical import HARD_DECISIONS, MOVES, SHAPE_ONLY, SOFT_DECISIONS, 
 
 _LOOK_THROUGH = (MOVES - {"to", "_to_copy", "type_as", "float", "double", "type", "copy"}) | {"neg"}
 _MAX_OUTPUTS = 4
+_CONTRACTIONS = {"matmul", "mm", "bmm", "linear", "einsum", "addmm", "baddbmm"}
+_PLAIN_SIGMOIDS = {"sigmoid", "expit", "special_expit"}
 
 
 @dataclass
@@ -43,6 +52,7 @@ class Candidate:
     sources: list[fx.Node]
     outputs: list[fx.Node] = field(default_factory=list)
     where: str = ""
+    fallback: bool = False                     # tried only when no first reading of the same x is confirmed
 
 
 def _decision_arg(facts: GraphFacts, n: fx.Node):
@@ -86,23 +96,25 @@ def _live(facts: GraphFacts, n: fx.Node) -> list[fx.Node]:
     return [i for i in n.all_input_nodes if facts.depends.get(i) and facts.name[i] not in SHAPE_ONLY]
 
 
-def _reads_index(facts: GraphFacts, n: fx.Node, steps: int = 4) -> bool:
-    """An integer/bool tensor among n's inputs within a few float steps (an index gathered into data)."""
+def _reads_index(facts: GraphFacts, n: fx.Node, steps: int = 4, decided=None) -> bool:
+    """An integer/bool tensor among n's inputs within a few float steps (an index gathered into data);
+    with ``decided``, only an index among those nodes (one computed from decisions: not token ids)."""
     frontier = [n]
     for _ in range(steps):
         nxt = []
         for m in frontier:
             for i in _live(facts, m):
-                if is_float_tensor(i) is False:
+                if is_float_tensor(i) is False and (decided is None or i in decided):
                     return True
                 nxt.append(i)
         frontier = nxt
     return False
 
 
-def _data_input(facts: GraphFacts, z: fx.Node) -> "fx.Node | None":
+def _data_input(facts: GraphFacts, z: fx.Node, decided=None) -> "fx.Node | None":
     """For a hard decision whose logit also reads earlier decisions (z = x . W[n] with n from the
-    index recurrence): the one input x its float data comes from, past the index-dependent part."""
+    index recurrence): the one input x its float data comes from, past the index-dependent part
+    (``decided``: the values computed from decisions; an embedding of the model's token ids is data)."""
     found, seen, stack = set(), set(), [z]
     while stack:
         n = stack.pop()
@@ -117,11 +129,33 @@ def _data_input(facts: GraphFacts, z: fx.Node) -> "fx.Node | None":
             continue
         live = _live(facts, n)
         if n.op != "placeholder" and live and (len(live) > 1 or any(is_float_tensor(i) is False for i in live)) \
-                and _reads_index(facts, n):
+                and _reads_index(facts, n, decided=decided):
             stack.extend(live)
         else:
             found.add(n)
     return found.pop() if len(found) == 1 else None
+
+
+def _leaf_activation(facts: GraphFacts, d: fx.Node, steps: int = 6) -> bool:
+    """A plain sigmoid whose value, through element moves, is contracted with constants only
+    (a leaf MLP's second layer): a leaf activation rather than a node decision."""
+    if facts.name[d] not in _PLAIN_SIGMOIDS:
+        return False
+    frontier, seen = [d], {d}
+    for _ in range(steps):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                name = facts.name[u]
+                if name in _CONTRACTIONS:
+                    others = [i for i in u.all_input_nodes if i is not n]
+                    if (others or u.op == "call_module") and not any(facts.depends.get(i) for i in others):
+                        return True
+                elif name in MOVES and u not in seen:
+                    seen.add(u)
+                    nxt.append(u)
+        frontier = nxt
+    return False
 
 
 def find_candidates(facts: GraphFacts) -> list[Candidate]:
@@ -147,15 +181,21 @@ def find_candidates(facts: GraphFacts) -> list[Candidate]:
         groups.setdefault((x, kind), []).append(n)
     if hard:
         for n in hard:
-            x = _data_input(facts, n.args[0])
+            x = _data_input(facts, n.args[0], after)
             if x is not None and x is not n.args[0]:
                 groups.setdefault((x, "hard"), []).append(n)
     candidates = []
     split = []
     for (x, kind), decisions in groups.items():
-        parts = _trees(facts, x, decisions) if kind == "soft" and len(decisions) > 1 else [decisions]
-        split += [((x, kind), part) for part in parts]
-    for (x, kind), decisions in split:
+        readings = [(decisions, False)]
+        if kind == "soft":
+            nodes = [d for d in decisions if not _leaf_activation(facts, d)]
+            if 0 < len(nodes) < len(decisions):      # some sigmoids look like leaf activations
+                readings = [(nodes, False), (decisions, True)]
+        for chosen, fallback in readings:
+            parts = _trees(facts, x, chosen) if kind == "soft" and len(chosen) > 1 else [chosen]
+            split += [((x, kind), part, fallback) for part in parts]
+    for (x, kind), decisions, fallback in split:
         sources = list(dict.fromkeys(_source(facts, d.args[0], x) for d in decisions))
         sources = [s for s in sources if facts.affine_source[s] is x]
         if not sources and kind == "soft":
@@ -166,7 +206,7 @@ def find_candidates(facts: GraphFacts) -> list[Candidate]:
             shape = hint_shape(s)
             return shape[-1] if shape else 0
         sources.sort(key=lambda s: (width(s), facts.index[s]))
-        cand = Candidate(x, kind, decisions, sources, where=_where(decisions) or x.name)
+        cand = Candidate(x, kind, decisions, sources, where=_where(decisions) or x.name, fallback=fallback)
         cand.outputs = _outputs(facts, cand)
         candidates.append(cand)
     return candidates

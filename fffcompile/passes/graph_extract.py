@@ -38,7 +38,8 @@ from .graph_canonical import GraphFacts, SHAPE_ONLY, hint_shape
 from .graph_cutout import Cutout
 
 _T = 40.0                  # |logit| that saturates a sigmoid in float64
-_ACTS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "tanh": "tanh"}
+_ACTS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "tanh": "tanh",
+         "sigmoid": "sigmoid", "expit": "sigmoid", "special_expit": "sigmoid"}   # a sigmoid not among the decisions
 
 
 def _basis(d_in: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ anchored again. Nothing found: the model comes back as it was (not as a graph). 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -71,7 +72,16 @@ def analyse(gm: fx.GraphModule, inputs: tuple, kwargs: dict, seed: int = 0):
     values = _record(gm, inputs, kwargs, [c.x for c in candidates])
     outcomes = []
     for cand in candidates:
-        outcomes.append(_decide(facts, constants, cand, values.get(cand.x), seed))
+        if not cand.fallback:
+            outcomes.append(_decide(facts, constants, cand, values.get(cand.x), seed))
+    # a fallback reading (every sigmoid on x a decision, graph_anchor) only where no first reading of x confirmed
+    done = {o[0].x for o in outcomes if isinstance(o[3], GraphConfirmed)}
+    for cand in candidates:
+        if cand.fallback and cand.x not in done:
+            outcome = _decide(facts, constants, cand, values.get(cand.x), seed)
+            if isinstance(outcome[3], GraphConfirmed):
+                outcomes = [o for o in outcomes if o[0].x is not cand.x or isinstance(o[3], GraphConfirmed)]
+                outcomes.append(outcome)
     return facts, outcomes
 
 
@@ -141,7 +151,14 @@ def _decide(facts, constants, cand: Candidate, x_value, seed):
 
 def _drop_shape_guards(gm: fx.GraphModule) -> bool:
     """Remove torch.export's input-shape guard call (``_guards_fn``): the guards a rewritten
-    per-row loop imposed (batch == the example's) would otherwise refuse every other batch."""
+    per-row loop imposed (batch == the example's) would otherwise refuse every other batch.
+
+    All of them go, not only the loop's: they are code over the input sizes, and the loop's
+    specialisation leaks into every guard on the row dims (B * S == 6 makes S <= 3), including
+    those of the model's own branches (S >= 3), so they cannot be told apart by their text; and
+    exporting the rewritten graph again regenerates none of the branch guards (the branch is no
+    longer in the graph). Regenerating them precisely needs the original model exported again
+    with the loop's module swapped for the fused op."""
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn" and not n.users]
     for n in calls:
         gm.graph.erase_node(n)
@@ -211,29 +228,43 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
                   min_leaf_agreement: Optional[float] = None, seed: int = 0) -> nn.Module:
     """Capture ``work``, rewrite every confirmed FFF subgraph to the fused op; ``report`` gets the entries.
 
-    Returns ``work`` itself when nothing is rewritten; else a GraphModule carrying, as the plain
-    attribute ``_fffcompile_graph_hardened``, a 1-tuple with the captured graph whose rewritten
-    decisions are hardened (optimize()'s whole-model exactness oracle).
+    Returns ``work`` itself when nothing is rewritten; else a module (the rewritten GraphModule, or
+    ``work`` with rewritten submodules, see ``_rewrite_submodules``) carrying, as the plain attribute
+    ``_fffcompile_graph_hardened``, a 1-tuple with the same model whose rewritten decisions are
+    hardened (optimize()'s whole-model exactness oracle).
     """
     started = time.perf_counter()
     captured = capture(work, inputs, example_kwargs)
     if isinstance(captured, CaptureFailed):
-        report.notes.append(f"graph frontend: the model could not be captured ({captured.reason})")
+        return _rewrite_submodules(work, inputs, example_kwargs, report, captured.reason, min_leaf_agreement,
+                                   seed, started)
+    done = _rewrite_captured(captured, inputs, example_kwargs, report, min_leaf_agreement, seed)
+    if done is None:
         return work
+    result, hardened, count = done
+    object.__setattr__(result, HARDENED_ATTRIBUTE, (hardened,))
+    report.notes.append(f"graph frontend: {count} rewrite(s) in {time.perf_counter() - started:.2f} s")
+    return result
+
+
+def _rewrite_captured(captured, inputs: tuple, example_kwargs: Optional[dict], report: Report,
+                      min_leaf_agreement: Optional[float], seed: int, prefix: str = ""):
+    """(rewritten GraphModule, hardened GraphModule, count) for one capture, or None when nothing is rewritten."""
     gm = captured.module
     try:
         facts, outcomes = analyse(gm, inputs, example_kwargs or {}, seed)
     except Exception as error:   # never let the graph pass break a model the module frontend handled
         if os.environ.get("FFFCOMPILE_DEBUG"):
             raise
-        report.notes.append(f"graph frontend: analysis failed ({type(error).__name__}: {error}); the graph is left as "
+        report.notes.append(f"graph frontend: analysis failed{f' in {prefix}' if prefix else ''} "
+                            f"({type(error).__name__}: {error}); the graph is left as "
                             f"it was (FFFCOMPILE_DEBUG=1 shows the traceback)")
-        return work
+        return None
     confirmed = []
     taken: set = set()
     looped = False          # a per-row loop among the rewritten: its shape guards go with it
     for cand, cut, y, outcome in outcomes:
-        where = cand.where
+        where = _prefixed(prefix, cand.where)
         if isinstance(outcome, GraphConfirmed) and taken.intersection(cut.nodes):
             outcome = GraphRefused("its subgraph overlaps another confirmed FFF's; only the first is rewritten")
         if not isinstance(outcome, GraphConfirmed):
@@ -252,16 +283,88 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
             source=spec.source, frontend="fx", exactness=outcome.exactness, fidelity=fidelity,
             speedup_bound=spec.soft_macs() / spec.hard_macs(), description=spec.describe(),
             warning=fidelity_warning(fidelity),
-            notes=(f"found by dataflow in the {captured.how} graph ({len(cand.decisions)} {cand.kind} decision node(s), "
+            notes=(f"found by dataflow in the {captured.how} graph{f' of {prefix}' if prefix else ''} "
+                   f"({len(cand.decisions)} {cand.kind} decision node(s), "
                    f"{cand.x.name} -> {y.name}); confirmed against the subgraph with hardened decisions",)))
     if not confirmed:
-        return work
+        return None
     result = rewrite(gm, confirmed)
     if looped and captured.how == "export (dynamic)":
         dropped = _drop_shape_guards(result)
         if dropped:
             report.notes.append("graph frontend: a per-row loop specialised the capture to the example's batch; its "
                                 "shape guards are dropped with it (the rest of the graph is symbolic)")
-    object.__setattr__(result, HARDENED_ATTRIBUTE, (hardened_original(gm, confirmed),))
-    report.notes.append(f"graph frontend: {len(confirmed)} rewrite(s) in {time.perf_counter() - started:.2f} s")
-    return result
+    return result, hardened_original(gm, confirmed), len(confirmed)
+
+
+def _prefixed(prefix: str, where: str) -> str:
+    if not prefix:
+        return where
+    return prefix if where in ("", "(the model itself)") else f"{prefix}.{where}"
+
+
+def _builtin_leaf(module: nn.Module) -> bool:
+    """A torch.nn layer without children (Linear, LayerNorm, Embedding, Dropout...): never an FFF on its own."""
+    return type(module).__module__.startswith("torch.nn.") and not any(True for _ in module.children())
+
+
+def _batch_generic(captured) -> bool:
+    """The capture serves other batch sizes: an fx trace, or an export whose tensor inputs keep their first dim symbolic."""
+    from .graph_canonical import meta_val
+    if captured.how == "fx.symbolic_trace":
+        return True
+    for n in captured.module.graph.nodes:
+        val = meta_val(n) if n.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and val.dim() >= 1 and not isinstance(val.shape[0], torch.SymInt):
+            return False
+    return True
+
+
+def _rewrite_submodules(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict], report: Report, reason: str,
+                        min_leaf_agreement: Optional[float], seed: int, started: float) -> nn.Module:
+    """The whole model cannot be captured (a cache object in its outputs, Python control flow): capture
+    its submodules instead, outermost first, each as it was called in one forward on the example inputs.
+
+    A submodule is taken when torch.export captures it with dynamic row dims (a static capture would
+    refuse other batch sizes); otherwise its children are tried. Each captured submodule is searched
+    and rewritten like a whole model and put back in its place; the hardened oracle is a copy of the
+    model with those submodules' hardened graphs in their places. Built-in torch.nn leaf layers are skipped.
+    """
+    from .module_frontend import set_submodule
+    from .record_inputs import record_calls
+    modules = {name: m for name, m in work.named_modules() if name and not _builtin_leaf(m)}
+    calls = record_calls(work, inputs, modules, example_kwargs)
+    replaced, skipped, failed = {}, [], 0
+    queue = [name for name, _ in work.named_children()]
+    while queue:
+        name = queue.pop(0)
+        module = modules.get(name)
+        if module is None:
+            continue
+        children = [f"{name}.{c}" for c, _ in module.named_children()]
+        call = calls[name]
+        if not call.args and not call.kwargs:
+            queue = children + queue            # never called itself (a ModuleList): its children may be
+            continue
+        captured = capture(module, call.args[0], call.kwargs[0])
+        if isinstance(captured, CaptureFailed) or not _batch_generic(captured):
+            if isinstance(captured, CaptureFailed):
+                failed += 1
+            queue = children + queue
+            continue
+        done = _rewrite_captured(captured, call.args[0], call.kwargs[0], report, min_leaf_agreement, seed, prefix=name)
+        if done is not None:
+            replaced[name] = done
+    if not replaced:
+        report.notes.append(f"graph frontend: the model could not be captured ({reason})"
+                            + (f"; nor could any of its submodules with an FFF be rewritten" if modules else ""))
+        return work
+    hardened = copy.deepcopy(work)
+    for name, (result, hardened_gm, _) in replaced.items():
+        work = set_submodule(work, name, result)
+        hardened = set_submodule(hardened, name, hardened_gm)
+    object.__setattr__(work, HARDENED_ATTRIBUTE, (hardened,))
+    report.notes.append(f"graph frontend: the whole model could not be captured ({reason.split(';')[0][:160]}); "
+                        f"{sum(d[2] for d in replaced.values())} rewrite(s) in {len(replaced)} captured submodule(s) "
+                        f"({', '.join(replaced)}) in {time.perf_counter() - started:.2f} s")
+    return work
