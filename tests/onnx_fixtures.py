@@ -191,6 +191,42 @@ class GatheredLeafTree(nn.Module):
         return torch.einsum("bh,bho->bo", h, f.leaf_w2[leaf]) + f.leaf_b2[leaf]
 
 
+class FlatTableDescent(nn.Module):
+    """Form A as a hard descent with ``index_select`` per level (x * W[n] summed, + b[n], >= 0), whose leaf
+    weights are stored flat, one row per leaf ((L, d_in * l) and (L, l * d_out)), gathered and viewed per row
+    before a bmm: the leaf tables are 2-D, their layout only visible through the numbers."""
+
+    def __init__(self, d_in, d_out, depth, width):
+        super().__init__()
+        self.depth, self.width, self.d_out = depth, width, d_out
+        n, L = 2 ** depth - 1, 2 ** depth
+        self.W = nn.Parameter(torch.randn(n, d_in) / math.sqrt(d_in))
+        self.b = nn.Parameter(torch.randn(n) * 0.3)
+        self.w1 = nn.Parameter(torch.randn(L, d_in * width) / math.sqrt(d_in))
+        self.b1 = nn.Parameter(torch.randn(L, width) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(L, width * d_out) / math.sqrt(width))
+        self.b2 = nn.Parameter(torch.randn(L, d_out) * 0.1)
+
+    def forward(self, x):
+        B, d = x.shape
+        node = torch.zeros(B, dtype=torch.long)
+        for _ in range(self.depth):
+            z = (x * torch.index_select(self.W, 0, node)).sum(-1) + torch.index_select(self.b, 0, node)
+            node = 2 * node + 1 + (z >= 0).long()
+        leaf = node - (2 ** self.depth - 1)
+        w1 = torch.index_select(self.w1, 0, leaf).view(B, d, self.width)
+        h = torch.nn.functional.gelu(torch.bmm(x.unsqueeze(1), w1).squeeze(1) + torch.index_select(self.b1, 0, leaf))
+        w2 = torch.index_select(self.w2, 0, leaf).view(B, self.width, self.d_out)
+        return torch.bmm(h.unsqueeze(1), w2).squeeze(1) + torch.index_select(self.b2, 0, leaf)
+
+
+def _spec_flat_table(m: FlatTableDescent) -> FFFSpec:
+    L = 2 ** m.depth
+    return FFFSpec(form="leaf_mlp", depth=m.depth, activation="gelu", node_weight=m.W.detach(), node_bias=m.b.detach(),
+                   leaf_w1=m.w1.detach().view(L, -1, m.width), leaf_b1=m.b1.detach(),
+                   leaf_w2=m.w2.detach().view(L, m.width, m.d_out), leaf_b2=m.b2.detach(), tie="ge", source="hard")
+
+
 class PerLevelBmmTree(nn.Module):
     """A soft leaf-MLP tree whose mixture is built level by level (per-level router slices, the running path
     weights viewed as (B, 2^(k+1), L / 2^(k+1)) and multiplied by the interleaved (1 - p, p)) and whose leaves
@@ -407,6 +443,7 @@ CASES: dict[str, Case] = {
     "hard_tree": Case(lambda: HardTree(9, 5, 3, 4), (4, 9), 1, lambda m: _spec_fff(m.fff)),
     "gathered_neuron_tree": Case(lambda: GatheredNeuronTree(10, 6, 3), (2, 5, 10), 1, _spec_gathered_neuron_tree),
     "gathered_leaf_tree": Case(lambda: GatheredLeafTree(9, 5, 3, 4), (4, 9), 1, lambda m: _spec_fff(m.fff)),
+    "flat_table_descent": Case(lambda: FlatTableDescent(9, 5, 3, 4), (4, 9), 1, _spec_flat_table),
     "linear_leaves": Case(lambda: LinearLeafTree(7, 4, 3), (4, 7), 1, _spec_linear_leaves),
     "module_list": Case(lambda: ModuleListTree(8, 5, depth=2), (4, 8), 1),
     "soft_tree": Case(lambda: SoftTreeMixture(8, depth=3), (4, 8), 1),

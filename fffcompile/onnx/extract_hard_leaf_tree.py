@@ -80,9 +80,15 @@ def _logit(index: GraphIndex, comparison: int) -> str:
 
 def leaf_hypotheses(tables: list[np.ndarray], d_in: int) -> list[tuple]:
     """Every reading (w1, b1, w2, b2) of leaf tables (first dim 2^D) by their shapes: (L, d_in, l) or its
-    transpose is w1, (L, l) b1, (L, l, d_out) or its transpose w2, (L, d_out) b2 (None: linear leaves)."""
+    transpose is w1, (L, l) b1, (L, l, d_out) or its transpose w2, (L, d_out) b2 (None: linear leaves).
+
+    A weight table may also be stored flat, one row per leaf, and viewed per row after the gather:
+    (L, d_in * l) read as (L, d_in, l) or (L, l, d_in) transposed, (L, l * d_out) as (L, l, d_out) or
+    (L, d_out, l) transposed, where a (L, l) / (L, d_out) bias table fixes the width (the numbers decide
+    which reading, if any, is the layer)."""
     threes = [t for t in tables if t.ndim == 3]
     twos = [t for t in tables if t.ndim == 2]
+    widths = {t.shape[1] for t in twos}
     hypotheses = []
     for first, second in ([threes[0], threes[1]], [threes[1], threes[0]]) if len(threes) == 2 else \
             ([(threes[0], None)] if len(threes) == 1 else []):
@@ -99,4 +105,30 @@ def leaf_hypotheses(tables: list[np.ndarray], d_in: int) -> list[tuple]:
                     continue
                 b2s = [t for t in twos if t.shape[1] == w2.shape[2]]
                 hypotheses += [(w1, b1, w2, b2) for b1, b2 in itertools.product(b1s, b2s) if b1 is not b2]
+    if hypotheses or threes:
+        return hypotheses
+    for flat1 in twos:                       # flat tables: the widths come from the bias tables
+        for width in sorted(widths):
+            if flat1.shape[1] != d_in * width:
+                continue
+            for w1 in _unflatten(flat1, d_in, width):
+                b1s = [t for t in twos if t is not flat1 and t.shape[1] == width]
+                hypotheses += [(w1, b1, None, None) for b1 in b1s]
+                for flat2 in twos:
+                    if flat2 is flat1 or flat2.shape[1] % width or flat2.shape[1] // width not in widths:
+                        continue
+                    out = flat2.shape[1] // width
+                    b2s = [t for t in twos if t is not flat1 and t is not flat2 and t.shape[1] == out]
+                    for w2 in _unflatten(flat2, width, out):
+                        hypotheses += [(w1, b1, w2, b2) for b1, b2 in itertools.product(b1s, b2s)
+                                       if b1 is not b2 and b1 is not flat2]
     return hypotheses
+
+
+def _unflatten(flat: np.ndarray, rows: int, cols: int) -> list[np.ndarray]:
+    """(L, rows * cols) as (L, rows, cols), read row-major or as the transpose of (L, cols, rows)."""
+    L = flat.shape[0]
+    readings = [flat.reshape(L, rows, cols)]
+    if rows != 1 and cols != 1:
+        readings.append(flat.reshape(L, cols, rows).transpose(0, 2, 1))
+    return readings

@@ -117,6 +117,8 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
                     found.comparison = comparison
                     return found, []
             reasons.append(why)
+        if not reasons:     # the extractor read no spec at all: say so, not a smaller region's reason
+            reasons.append(f"at {region.y!r}: no reading of its weights reproduces its output on probe rows")
     except (NotExtracted, InvalidModelError) as error:
         reasons.append(f"at {region.y!r}: {error}")
     except Exception as error:  # a probe that does not run: not this region
