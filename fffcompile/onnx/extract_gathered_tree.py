@@ -8,7 +8,9 @@ step n <- 2n + 1 + [z > 0]. Then either
 - form B: y = sum over the path of act(z_level) V[n_level] (+ c), V gathered from a second
   table of the same 2^(D+1) - 1 rows, or
 - form A: y = leaf MLP of the leaf reached, its weights gathered from tables of 2^D rows
-  (``extract_hard_leaf_tree.leaf_hypotheses``), the node table having 2^D - 1 rows.
+  (``extract_hard_leaf_tree.leaf_hypotheses``), the node table having 2^D - 1 rows; or, where no
+  leaf table is gathered, every leaf computed and the reached one's output picked: the leaves are
+  then read by numbers (``extract_computed_leaves``).
 
 Reading the weights: the node table is the constant 2-D table gathered inside the region whose
 rows number 2^k - 1 and whose width is d_in (node biases: a gathered 1-D table of that length,
@@ -30,6 +32,7 @@ import torch
 
 from .. import reference
 from ..spec import ACTIVATIONS, FFFSpec
+from .extract_computed_leaves import computed_leaves
 from .extract_leaf_tree import NotExtracted, input_dtypes
 from .extract_hard_leaf_tree import GATHERS, leaf_hypotheses
 from .graph_index import GraphIndex, evaluate, make_session
@@ -64,7 +67,8 @@ def _matches(spec: FFFSpec, x: np.ndarray, want: torch.Tensor, output_bias: bool
     return spec if torch.allclose(got, want, rtol=1e-4, atol=scale) else None
 
 
-def extract_gathered_tree(index: GraphIndex, region: Region, tie: str) -> Iterator[FFFSpec]:
+def extract_gathered_tree(index: GraphIndex, region: Region, tie: str, comparisons: tuple[int, ...] = ()
+                          ) -> Iterator[FFFSpec]:
     rank, d_in = x_layout(index.shape(region.x))
     dtype, np_dtype = input_dtypes(index, region)
     tables = gathered_tables(index, region)
@@ -75,8 +79,17 @@ def extract_gathered_tree(index: GraphIndex, region: Region, tie: str) -> Iterat
     session = make_session(index.submodel(region.nodes, region.inputs, [region.y]))
     x = np.random.default_rng(1).standard_normal(probe_shapes(rank, d_in)[1]).astype(np_dtype)
     want = torch.from_numpy(np.asarray(evaluate(session, region.feed(index, x), [region.y])[region.y])).double()
+    decisions = [o for i in comparisons for o in index.nodes[i].output if o]
+    readings = {}
+
+    def computed(depth):        # the leaves read by numbers (no leaf tables gathered), once per depth
+        if depth not in readings:
+            readings[depth] = list(computed_leaves(index, region, decisions, depth, np_dtype))
+        return readings[depth]
+
     for W in node_tables:
         n = W.shape[0]
+        no_leaf_tables = decisions and not any(t.shape[0] == n + 1 for t in tables if t is not W)
         biases = [None] + [t for t in tables if t.ndim == 1 and t.shape[0] == n]
         rest = [t for t in tables if t is not W]
         for b, activation in itertools.product(biases, ACTIVATIONS):
@@ -94,6 +107,14 @@ def extract_gathered_tree(index: GraphIndex, region: Region, tie: str) -> Iterat
                     yield found
             # form A: leaf tables of n + 1 rows
             depth = (n + 1).bit_length() - 1
+            if no_leaf_tables and activation == ACTIVATIONS[0]:
+                for act, w1, b1, w2, b2 in computed(depth):     # every leaf computed, the reached one picked
+                    spec = FFFSpec(form="leaf_mlp", depth=depth, activation=act, node_weight=to(W), node_bias=to(bias),
+                                   leaf_w1=to(w1), leaf_b1=to(b1), leaf_w2=None if w2 is None else to(w2),
+                                   leaf_b2=None if b2 is None else to(b2), tie=tie, source="hard")
+                    found = _matches(spec, x, want, output_bias=False)
+                    if found is not None:
+                        yield found
             for w1, b1, w2, b2 in leaf_hypotheses([t for t in rest if t.shape[0] == n + 1], d_in):
                 spec = FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(W),
                                node_bias=to(bias), leaf_w1=to(w1), leaf_b1=to(b1),

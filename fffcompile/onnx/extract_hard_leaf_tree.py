@@ -10,6 +10,8 @@ then gathers the chosen leaf's weights from constant tensors of 2^D rows and app
    depend on the decisions; their roles follow from their shapes: (L, d_in, l) is leaf_w1 (or
    (L, l, d_in) transposed), (L, l) leaf_b1, (L, l, d_out) leaf_w2, (L, d_out) leaf_b2. Where the
    shapes leave a choice (l == d_in, l == d_out), every reading is a hypothesis.
+   Where no such table is gathered (every leaf computed, the reached one's output picked), the
+   leaves are read by numbers instead (``extract_computed_leaves``).
 3. The activation is not visible as one op (it acts on a gathered product): each activation
    fffcompile knows is a hypothesis, tried against the region's own output on probe rows before
    the formal confirmation.
@@ -27,6 +29,7 @@ import torch
 
 from .. import reference
 from ..spec import ACTIVATIONS, FFFSpec
+from .extract_computed_leaves import computed_leaves
 from .extract_leaf_tree import NotExtracted, input_dtypes, affine_probes, read_affine
 from .graph_index import GraphIndex, evaluate, make_session
 from .probes import columns, probe_shapes, shaped, x_layout
@@ -57,8 +60,17 @@ def extract_hard_leaf_tree(index: GraphIndex, region: Region, comparisons: list[
                 tables.append(value.astype(np.float64))
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
     hypotheses = leaf_hypotheses(tables, d_in)
-    if not hypotheses:
-        raise NotExtracted("no leaf weight tables of 2^D rows are gathered by the descent")
+    if not hypotheses:      # every leaf computed, the reached one picked: read the leaves by numbers
+        decisions = [o for i in comparisons for o in index.nodes[i].output if o]
+        readings = list(computed_leaves(index, region, decisions, depth, np_dtype, exclude=(z,)))
+        if not readings:
+            raise NotExtracted("no leaf weight tables of 2^D rows are gathered by the descent, and no leaf "
+                               "computed from its input is picked by it")
+        for activation, w1, b1, w2, b2 in readings:
+            yield FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(W.T), node_bias=to(b),
+                          leaf_w1=to(w1), leaf_b1=to(b1), leaf_w2=None if w2 is None else to(w2),
+                          leaf_b2=None if b2 is None else to(b2), tie=tie, source="hard")
+        return
     # the region's own output on probe rows, to pick the activation before the formal confirmation
     session = make_session(index.submodel(region.nodes, region.inputs, [region.y]))
     x = np.random.default_rng(1).standard_normal(probe_shapes(rank, d_in)[1]).astype(np_dtype)

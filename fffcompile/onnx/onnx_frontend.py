@@ -103,7 +103,7 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
             specs = extract_hard_leaf_tree(index, region, candidate.anchors, candidate.tie)
             sigmoids = []
         elif candidate.form == "G":
-            specs = extract_gathered_tree(index, region, candidate.tie)
+            specs = extract_gathered_tree(index, region, candidate.tie, tuple(candidate.anchors))
             sigmoids = []
         else:
             specs = extract_neuron_tree(index, region, candidate.anchors[0], candidate.tie)
