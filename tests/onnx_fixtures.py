@@ -353,6 +353,37 @@ class LogSpaceTree(nn.Module):
         return (mu.unsqueeze(-1) * torch.einsum("bd,ldo->blo", x, self.leaf_w)).sum(-2)
 
 
+class SignedPathTree(nn.Module):
+    """A soft tree through a signed path table: mu_j = prod_k s(S_jk z[n_jk]) with the node ids n_jk of leaf j's path
+    and S_jk = +1 where it goes right, -1 where it goes left (s(-z) = 1 - s(z)); single linear leaves.
+    ``swapped``: level 1's signs flipped (a look-alike: children swapped there, confirmation refuses it)."""
+
+    def __init__(self, d_in, d_out, depth=3, swapped=False):
+        super().__init__()
+        self.depth, L = depth, 2 ** depth
+        self.router = nn.Linear(d_in, L - 1)
+        self.w = nn.Parameter(torch.randn(L, d_in, d_out) / math.sqrt(d_in))
+        self.b = nn.Parameter(torch.randn(L, d_out) * 0.1)
+        nodes, sign = torch.zeros(L, depth, dtype=torch.long), torch.zeros(L, depth)
+        for j in range(L):
+            n = 0
+            for k in range(depth):
+                bit = (j >> (depth - 1 - k)) & 1
+                nodes[j, k], sign[j, k] = n, (1.0 if bit else -1.0) * (-1.0 if swapped and k == 1 else 1.0)
+                n = 2 * n + 1 + bit
+        self.register_buffer("nodes", nodes)
+        self.register_buffer("sign", sign)
+
+    def forward(self, x):
+        mu = torch.sigmoid(self.router(x)[..., self.nodes] * self.sign).prod(-1)
+        return torch.einsum("...l,...lo->...o", mu, torch.einsum("...d,ldo->...lo", x, self.w) + self.b)
+
+
+def _spec_signed_path(m: SignedPathTree) -> FFFSpec:
+    return FFFSpec(form="leaf_mlp", depth=m.depth, activation="identity", node_weight=m.router.weight.detach(),
+                   node_bias=m.router.bias.detach(), leaf_w1=m.w.detach(), leaf_b1=m.b.detach(), tie="ge")
+
+
 class GatedFFF(nn.Module):
     """An FFF whose output is multiplied by a soft gate on the same input, y = FFF(x) * s(x G + g): the gate
     could be one more level of a mixture, so the FFF is left (conservatively) with its reason."""
@@ -444,6 +475,7 @@ CASES: dict[str, Case] = {
     "gathered_neuron_tree": Case(lambda: GatheredNeuronTree(10, 6, 3), (2, 5, 10), 1, _spec_gathered_neuron_tree),
     "gathered_leaf_tree": Case(lambda: GatheredLeafTree(9, 5, 3, 4), (4, 9), 1, lambda m: _spec_fff(m.fff)),
     "flat_table_descent": Case(lambda: FlatTableDescent(9, 5, 3, 4), (4, 9), 1, _spec_flat_table),
+    "signed_path": Case(lambda: SignedPathTree(8, 5), (4, 8), 1, _spec_signed_path),
     "linear_leaves": Case(lambda: LinearLeafTree(7, 4, 3), (4, 7), 1, _spec_linear_leaves),
     "module_list": Case(lambda: ModuleListTree(8, 5, depth=2), (4, 8), 1),
     "soft_tree": Case(lambda: SoftTreeMixture(8, depth=3), (4, 8), 1),
@@ -467,6 +499,7 @@ CASES: dict[str, Case] = {
     "not_a_tree": Case(lambda: SoftTreeMixture(8, kind="not_a_tree"), (4, 8), 0),
     "swapped_children": Case(lambda: SoftTreeMixture(8, kind="swapped_children"), (4, 8), 0),
     "gated_residual": Case(lambda: SoftTreeMixture(8, kind="gated_residual"), (4, 8), 0),
+    "signed_path_swapped": Case(lambda: SignedPathTree(8, 5, swapped=True), (4, 8), 0),
     "log_space_tree": Case(lambda: LogSpaceTree(8), (4, 8), 0),
     "gated_fff": Case(lambda: GatedFFF(6), (4, 6), 0),
     "glu": Case(lambda: GLU(8), (4, 8), 0),

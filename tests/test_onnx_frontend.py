@@ -60,7 +60,7 @@ def spec_of_node(model: onnx.ModelProto, node: onnx.NodeProto) -> FFFSpec:
 def hard_reference(name: str, x: torch.Tensor):
     """The layer's hard output computed without ONNX: its own eval forward, or reference.hard of its true spec."""
     module, _ = F.case(name)
-    if name in ("unrolled", "linear_leaves", "fastfeedforward", "hard_tree") or hasattr(module, "true_spec"):
+    if name in ("unrolled", "linear_leaves", "fastfeedforward", "hard_tree", "signed_path") or hasattr(module, "true_spec"):
         # (the package's eval forward omits b2s; a gallery style has no hard forward of its own)
         return reference.hard(F.CASES[name].true_spec(module), x)
     if name == "soft_tree":

@@ -97,7 +97,7 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
         if previous is not None:
             specs, sigmoids = [previous.spec], previous.sigmoids
         elif candidate.form == "A":
-            specs = extract_leaf_tree(index, region, candidate.anchors)
+            specs = extract_leaf_tree(index, region, candidate.anchors, candidate.logits)
             sigmoids = [index.nodes[i].name for i in candidate.anchors]
         elif candidate.form == "H":
             specs = extract_hard_leaf_tree(index, region, candidate.anchors, candidate.tie)
@@ -282,6 +282,8 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
                          f"export): not a hard-descent layout fffcompile reads (its training graph, exported in train mode, is)",
                          frontend="onnx"))
     for i, x in scaled_routers(index):
+        if i in anchored:       # a signed-path router, tried as such (rewritten, or left with its own reason)
+            continue
         node = index.nodes[i]
         left.append(Left(f"FFF on {x!r} (anchor Sigmoid {node.name or node.output[0]!r})",
                          "a sigmoid of a projection times a constant tensor (signed paths, a log-space mixture): "
