@@ -384,6 +384,19 @@ def _spec_signed_path(m: SignedPathTree) -> FFFSpec:
                    node_bias=m.router.bias.detach(), leaf_w1=m.w.detach(), leaf_b1=m.b.detach(), tie="ge")
 
 
+def _path_matrix(swapped: bool) -> nn.Module:
+    """A log-space tree with fixed 0/1 path matrices, mu = exp(log s(z) R + log s(-z) Lm) (a product with zeros:
+    hardened, log 0 = -inf must not turn it into NaN); ``swapped``: level 1's R and Lm rows exchanged (children
+    swapped there: a look-alike that confirmation must refuse)."""
+    module = _gallery("PathMatrix", depth=3, d_in=8, d_out=5, activation="silu", seed=2)
+    if swapped:
+        with torch.no_grad():
+            R, Lm = module.R.clone(), module.Lm.clone()
+            module.R[1:3], module.Lm[1:3] = Lm[1:3], R[1:3]
+        del module.true_spec
+    return module
+
+
 class GatedFFF(nn.Module):
     """An FFF whose output is multiplied by a soft gate on the same input, y = FFF(x) * s(x G + g): the gate
     could be one more level of a mixture, so the FFF is left (conservatively) with its reason."""
@@ -476,6 +489,7 @@ CASES: dict[str, Case] = {
     "gathered_leaf_tree": Case(lambda: GatheredLeafTree(9, 5, 3, 4), (4, 9), 1, lambda m: _spec_fff(m.fff)),
     "flat_table_descent": Case(lambda: FlatTableDescent(9, 5, 3, 4), (4, 9), 1, _spec_flat_table),
     "signed_path": Case(lambda: SignedPathTree(8, 5), (4, 8), 1, _spec_signed_path),
+    "path_matrix": Case(lambda: _path_matrix(False), (4, 8), 1, lambda m: m.true_spec),
     "linear_leaves": Case(lambda: LinearLeafTree(7, 4, 3), (4, 7), 1, _spec_linear_leaves),
     "module_list": Case(lambda: ModuleListTree(8, 5, depth=2), (4, 8), 1),
     "soft_tree": Case(lambda: SoftTreeMixture(8, depth=3), (4, 8), 1),
@@ -500,6 +514,7 @@ CASES: dict[str, Case] = {
     "swapped_children": Case(lambda: SoftTreeMixture(8, kind="swapped_children"), (4, 8), 0),
     "gated_residual": Case(lambda: SoftTreeMixture(8, kind="gated_residual"), (4, 8), 0),
     "signed_path_swapped": Case(lambda: SignedPathTree(8, 5, swapped=True), (4, 8), 0),
+    "path_matrix_swapped": Case(lambda: _path_matrix(True), (4, 8), 0),
     "log_space_tree": Case(lambda: LogSpaceTree(8), (4, 8), 0),
     "gated_fff": Case(lambda: GatedFFF(6), (4, 6), 0),
     "glu": Case(lambda: GLU(8), (4, 8), 0),

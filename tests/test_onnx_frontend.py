@@ -394,3 +394,20 @@ def test_probe_rows_in_any_axis_round_trip(lead, rows, width, rows_axis):
     else:
         assert axes["v"] == rows_axis
     assert np.array_equal(columns(small, rows, axes.get("v")), values)
+
+
+def test_nan_expected_values_do_not_pass_a_comparison():
+    """compare: a NaN (or inf) in the expected output must fail against a finite value (a NaN bound is no pass);
+    equal non-finites still pass. The hardened original of a log-space path-matrix tree used to be all NaN
+    (log 0 * 0), which made its confirmation vacuous: harden floors a logged step at the dtype's tiny."""
+    nan, inf = float("nan"), float("inf")
+    assert not compare(torch.tensor([[1.0, 2.0]]), torch.tensor([[nan, 2.0]])).passed
+    assert not compare(torch.tensor([[1.0, 2.0]]), torch.tensor([[inf, 2.0]])).passed
+    assert compare(torch.tensor([[nan, inf]]), torch.tensor([[nan, inf]])).passed
+    original = load_model(F.exported("path_matrix", "dynamo"))
+    named, sigmoids, _ = hardening_of(original)
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    hardened = next(iter(run(harden_sigmoids(named, sigmoids), {original.graph.input[0].name: x}).values()))
+    assert np.isfinite(hardened).all()
+    module, _ = F.case("path_matrix")
+    assert_close(hardened, reference.hard(module.true_spec, torch.from_numpy(x)), "hardened log-space original")
