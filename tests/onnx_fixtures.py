@@ -397,6 +397,29 @@ def _path_matrix(swapped: bool) -> nn.Module:
     return module
 
 
+def _softplus_softmax(swapped: bool) -> nn.Module:
+    """Leaves scored in log space with softplus, mu = softmax(-softplus(-z) R - softplus(z) Lm) (read as
+    log-sigmoids); ``swapped``: level 1's R and Lm rows exchanged (a look-alike, left untouched)."""
+    module = _gallery("SoftplusSoftmax", depth=2, d_in=8, d_out=5, activation="gelu", seed=3)
+    if swapped:
+        with torch.no_grad():
+            R, Lm = module.R.clone(), module.Lm.clone()
+            module.R[1:3], module.Lm[1:3] = Lm[1:3], R[1:3]
+        del module.true_spec
+    return module
+
+
+class SoftplusMLP(nn.Module):
+    """A dense MLP with a softplus activation: a softplus of a projection and no tree (untouched)."""
+
+    def __init__(self, d, width=7):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, width), nn.Linear(width, d)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.softplus(self.up(x)) - torch.nn.functional.softplus(-self.up(x)))
+
+
 class GatedFFF(nn.Module):
     """An FFF whose output is multiplied by a soft gate on the same input, y = FFF(x) * s(x G + g): the gate
     could be one more level of a mixture, so the FFF is left (conservatively) with its reason."""
@@ -490,6 +513,7 @@ CASES: dict[str, Case] = {
     "flat_table_descent": Case(lambda: FlatTableDescent(9, 5, 3, 4), (4, 9), 1, _spec_flat_table),
     "signed_path": Case(lambda: SignedPathTree(8, 5), (4, 8), 1, _spec_signed_path),
     "path_matrix": Case(lambda: _path_matrix(False), (4, 8), 1, lambda m: m.true_spec),
+    "softplus_softmax": Case(lambda: _softplus_softmax(False), (4, 8), 1, lambda m: m.true_spec),
     "linear_leaves": Case(lambda: LinearLeafTree(7, 4, 3), (4, 7), 1, _spec_linear_leaves),
     "module_list": Case(lambda: ModuleListTree(8, 5, depth=2), (4, 8), 1),
     "soft_tree": Case(lambda: SoftTreeMixture(8, depth=3), (4, 8), 1),
@@ -515,6 +539,8 @@ CASES: dict[str, Case] = {
     "gated_residual": Case(lambda: SoftTreeMixture(8, kind="gated_residual"), (4, 8), 0),
     "signed_path_swapped": Case(lambda: SignedPathTree(8, 5, swapped=True), (4, 8), 0),
     "path_matrix_swapped": Case(lambda: _path_matrix(True), (4, 8), 0),
+    "softplus_softmax_swapped": Case(lambda: _softplus_softmax(True), (4, 8), 0),
+    "softplus_mlp": Case(lambda: SoftplusMLP(8), (4, 8), 0),
     "log_space_tree": Case(lambda: LogSpaceTree(8), (4, 8), 0),
     "gated_fff": Case(lambda: GatedFFF(6), (4, 6), 0),
     "glu": Case(lambda: GLU(8), (4, 8), 0),

@@ -360,11 +360,29 @@ def hardening_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str
     [(spec, input value)] for the near-tie checks) of every FFF the frontend confirms in it."""
     working = onnx.ModelProto()
     working.CopyFrom(model)
+    working = _respell_softplus_routers(working)      # (router softplus read as log-sigmoids: hardenable)
     _name_anchors(working)
     index = GraphIndex(working)
     found, _ = find_in_model(working, index)
     return (working, {name: tie for f in found for name, tie in f.ties().items()},
             [(f.spec, f.region.x) for f in found])
+
+
+def _respell_softplus_routers(model: onnx.ModelProto, progress=None) -> onnx.ModelProto:
+    """``model`` with its router softplus written as log-sigmoids (``softplus_routers``) when every one of them then
+    lies inside a confirmed FFF; otherwise ``model`` itself (nothing outside an FFF is ever respelled)."""
+    from .softplus_routers import softplus_as_log_sigmoid
+    respelled, outputs = softplus_as_log_sigmoid(model)
+    if not outputs:
+        return model
+    _name_anchors(respelled)
+    index = GraphIndex(respelled)
+    found, _ = find_in_model(respelled, index)
+    inside = {o for f in found for i in f.region.x_nodes for o in index.nodes[i].output}
+    if found and outputs <= inside:
+        _log(progress, f"read {len(outputs) // 3} softplus router(s) as log-sigmoids")
+        return respelled
+    return model
 
 
 def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool = True,
@@ -380,6 +398,7 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
     working = onnx.ModelProto()
     working.CopyFrom(model)
     working = raise_opset(working)
+    working = _respell_softplus_routers(working, progress)
     _name_anchors(working)
     original = onnx.ModelProto()
     original.CopyFrom(working)
