@@ -227,6 +227,38 @@ def _spec_flat_table(m: FlatTableDescent) -> FFFSpec:
                    leaf_w2=m.w2.detach().view(L, m.width, m.d_out), leaf_b2=m.b2.detach(), tie="ge", source="hard")
 
 
+class GatheredTrees(nn.Module):
+    """Form B with P trees as an inference port writes it: the trees' weight rows in one flat tree-major (P n, d)
+    table, per level rows p n + node gathered for every tree at once and dotted with x, > 0 steps; output rows
+    gathered from a (P n, d_out) table, GELU, an output bias."""
+
+    def __init__(self, d_in, d_out, depth, trees):
+        super().__init__()
+        self.depth, self.trees, self.n = depth, trees, 2 ** (depth + 1) - 1
+        self.w_in = nn.Parameter(torch.randn(trees * self.n, d_in) / math.sqrt(d_in))
+        self.b_in = nn.Parameter(torch.randn(trees * self.n) * 0.1)
+        self.w_out = nn.Parameter(torch.randn(trees * self.n, d_out) / math.sqrt(depth + 1))
+        self.b_out = nn.Parameter(torch.randn(d_out) * 0.1)
+
+    def forward(self, x):
+        base = (torch.arange(self.trees) * self.n).unsqueeze(0)
+        node = torch.zeros(x.shape[0], self.trees, dtype=torch.long)
+        y = self.b_out.expand(x.shape[0], -1)
+        for _ in range(self.depth + 1):
+            rows = base + node
+            z = (x.unsqueeze(1) * self.w_in[rows]).sum(-1) + self.b_in[rows]
+            y = y + (torch.nn.functional.gelu(z).unsqueeze(-1) * self.w_out[rows]).sum(1)
+            node = 2 * node + 1 + (z > 0).long()
+        return y
+
+
+def _spec_gathered_trees(m: GatheredTrees) -> FFFSpec:
+    P, n = m.trees, m.n
+    return FFFSpec(form="neuron_tree", depth=m.depth, activation="gelu", node_weight=m.w_in.detach().view(P, n, -1),
+                   node_bias=m.b_in.detach().view(P, n), out_weight=m.w_out.detach().view(P, n, -1),
+                   out_bias=m.b_out.detach(), tie="gt", source="hard")
+
+
 class PerLevelBmmTree(nn.Module):
     """A soft leaf-MLP tree whose mixture is built level by level (per-level router slices, the running path
     weights viewed as (B, 2^(k+1), L / 2^(k+1)) and multiplied by the interleaved (1 - p, p)) and whose leaves
@@ -514,6 +546,7 @@ CASES: dict[str, Case] = {
     "signed_path": Case(lambda: SignedPathTree(8, 5), (4, 8), 1, _spec_signed_path),
     "path_matrix": Case(lambda: _path_matrix(False), (4, 8), 1, lambda m: m.true_spec),
     "softplus_softmax": Case(lambda: _softplus_softmax(False), (4, 8), 1, lambda m: m.true_spec),
+    "gathered_trees": Case(lambda: GatheredTrees(8, 5, 2, 2), (4, 8), 1, _spec_gathered_trees),
     "linear_leaves": Case(lambda: LinearLeafTree(7, 4, 3), (4, 7), 1, _spec_linear_leaves),
     "module_list": Case(lambda: ModuleListTree(8, 5, depth=2), (4, 8), 1),
     "soft_tree": Case(lambda: SoftTreeMixture(8, depth=3), (4, 8), 1),
