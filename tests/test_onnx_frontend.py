@@ -296,7 +296,7 @@ def test_leaf_major_trees_and_their_form_c(rewritten, exporter):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
-@pytest.mark.parametrize("name", ["fff", "fff_master", "neuron_tree"])
+@pytest.mark.parametrize("name", ["fff", "fff_master", "neuron_tree", "flat_table_descent", "hard_tree", "signed_path"])
 def test_float16_models(tmp_path, name, exporter):
     """A half-precision export: read through its float32 twin, the node and its weights stay float16 (the body
     computes in float32, as reference.hard does); equal to reference.hard of the layer's own spec at other batch

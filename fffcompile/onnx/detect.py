@@ -158,7 +158,7 @@ def gathered_dot(index: GraphIndex, a: str, static: set[str]) -> Optional[tuple[
         seen += 1
         if node is None:
             continue
-        if node.op_type == "Add" or node.op_type in _VIEWS + ("ReduceSum",) \
+        if node.op_type == "Add" or node.op_type in _VIEWS + ("ReduceSum", "Cast") \
                 and all(t in static for t in node.input[1:] if t):
             frontier.extend(t for t in node.input[:1 if node.op_type != "Add" else 2] if t and t not in static)
             continue
@@ -213,6 +213,14 @@ def row_gather_descents(index: GraphIndex, taken: set[int]) -> dict[str, list[in
     return out
 
 
+def _float_source(index: GraphIndex, a: str) -> str:
+    """The tensor that ``a`` is a float cast of (a float16 layer comparing in float32), else ``a``."""
+    cast = index.producer_node(a)
+    if cast is not None and cast.op_type == "Cast" and any(at.name == "to" and at.i in FLOAT_TYPES for at in cast.attribute):
+        return cast.input[0]
+    return a
+
+
 def find_candidates(index: GraphIndex) -> list[Candidate]:
     static = static_tensors(index)
     sigmoid_groups: dict[str, list[int]] = {}
@@ -236,7 +244,7 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
             a, zero = (node.input[0], node.input[1]) if data_position == 1 else (node.input[1], node.input[0])
             if a in static or not _is_zero(index, zero):
                 continue
-            picked = index.producer_node(a)
+            picked = index.producer_node(_float_source(index, a))     # (a 16-bit layer deciding in float32)
             if picked is not None and picked.op_type in ("Gather", "GatherElements", "GatherND") \
                     and picked.input[0] not in static and any(n not in static for n in picked.input[1:]):
                 # a hard descent: the logit of the current node, picked from every node's logit by its index
@@ -244,7 +252,7 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
                 if x is not None:
                     hard_groups.setdefault((x, tie), []).append(i)
                 continue
-            gathered = gathered_dot(index, a, static)
+            gathered = gathered_dot(index, _float_source(index, a), static)
             neuron = None
             if _read_elsewhere(index, a):      # a decision on a logit nothing else reads is no neuron tree
                 cast = index.producer_node(a)

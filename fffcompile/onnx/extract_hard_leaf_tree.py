@@ -31,6 +31,7 @@ from .. import reference
 from ..spec import ACTIVATIONS, FFFSpec
 from .extract_computed_leaves import computed_leaves
 from .extract_leaf_tree import NotExtracted, input_dtypes, affine_probes, read_affine
+from .detect import _float_source
 from .graph_index import GraphIndex, evaluate, make_session
 from .probes import columns, probe_shapes, shaped, x_layout
 from .region import Region
@@ -41,7 +42,7 @@ GATHERS = ("Gather", "GatherND", "GatherElements")
 def extract_hard_leaf_tree(index: GraphIndex, region: Region, comparisons: list[int], tie: str) -> Iterator[FFFSpec]:
     rank, d_in = x_layout(index.shape(region.x))
     dtype, np_dtype = input_dtypes(index, region)
-    z = index.producer_node(_logit(index, comparisons[0])).input[0]
+    z = index.producer_node(_float_source(index, _logit(index, comparisons[0]))).input[0]
     probes = affine_probes(d_in)
     model = index.submodel(index.backward_slice([z], stop={region.x}) & region.nodes, region.inputs, [z])
     W, b = read_affine(columns(evaluate(model, region.feed(index, shaped(probes.astype(np_dtype), rank)), [z])[z],

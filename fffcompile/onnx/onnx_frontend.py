@@ -39,7 +39,7 @@ from ..report import Left, Report, Rewritten
 from ..spec import FFFSpec
 from .attach import insert_fff_nodes, raise_opset
 from .confirm import confirm
-from .contract import check_target
+from .contract import check_target, onnx_dtype
 from .detect import Candidate, find_candidates, row_gather_descents, scaled_routers, split_by_outputs
 from .extract_leaf_tree import NotExtracted, extract_leaf_tree
 from .extract_hard_leaf_tree import extract_hard_leaf_tree
@@ -329,14 +329,18 @@ def rewrite(model: onnx.ModelProto, index: GraphIndex, found: list[Found], targe
                 changed = True
     removed_inputs = {name for i in removed for name in index.inputs_of[i]}
     names = {n.name for n in graph.node} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    fff_nodes = []
+    fff_nodes, casts = [], []
     for k, f in enumerate(found):
         name = f"fff_{k}"
         while any(n.startswith(name) for n in names):
             name += "_"
         names.add(name)
-        fff_nodes.append(fff_node(f.spec, f.region.x, f.region.y, target=target, name=name))
-    new_nodes = [index.nodes[i] for i in sorted(kept)]
+        y, y_type = f.region.y, index.elem_type(f.region.y)
+        if y_type and y_type != onnx_dtype(f.spec.dtype):     # (a 16-bit layer whose export ends in float32)
+            y = f"{name}_out"
+            casts.append(onnx.helper.make_node("Cast", [y], [f.region.y], to=y_type, name=f"{name}_cast"))
+        fff_nodes.append(fff_node(f.spec, f.region.x, y, target=target, name=name))
+    new_nodes = [index.nodes[i] for i in sorted(kept)] + casts
     del graph.node[:]
     graph.node.extend(new_nodes)
     read = {name for n in graph.node for name in _inputs(n)} | {o.name for o in graph.output}
