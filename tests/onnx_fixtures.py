@@ -259,6 +259,26 @@ def _spec_gathered_trees(m: GatheredTrees) -> FFFSpec:
                    out_bias=m.b_out.detach(), tie="gt", source="hard")
 
 
+class OneHotPick(nn.Module):
+    """A hard form A tree over all node logits (gather per level, ``where(z >= 0, 2n + 2, 2n + 1)``) that runs every
+    leaf (einsum, SiLU) and keeps the reached one by a one-hot product and a sum (no gather of leaf outputs). Its
+    float16 dynamo export ends in a float32 value."""
+
+    def __init__(self, d_in, d_out, depth, width):
+        super().__init__()
+        self.fff = FFF(d_in, d_out, depth, width, activation="silu")
+
+    def forward(self, x):
+        f = self.fff
+        z = torch.nn.functional.linear(x, f.node_weight, f.node_bias)
+        node = torch.zeros_like(z[:, :1], dtype=torch.long)
+        for _ in range(f.depth):
+            node = torch.where(z.gather(1, node) >= 0, 2 * node + 2, 2 * node + 1)
+        pick = torch.nn.functional.one_hot(node[:, 0] - (2 ** f.depth - 1), 2 ** f.depth).to(x.dtype)
+        h = torch.nn.functional.silu(torch.einsum("bd,ldh->blh", x, f.leaf_w1) + f.leaf_b1)
+        return (pick.unsqueeze(-1) * (torch.einsum("blh,lho->blo", h, f.leaf_w2) + f.leaf_b2)).sum(1)
+
+
 class PerLevelBmmTree(nn.Module):
     """A soft leaf-MLP tree whose mixture is built level by level (per-level router slices, the running path
     weights viewed as (B, 2^(k+1), L / 2^(k+1)) and multiplied by the interleaved (1 - p, p)) and whose leaves
@@ -547,6 +567,7 @@ CASES: dict[str, Case] = {
     "path_matrix": Case(lambda: _path_matrix(False), (4, 8), 1, lambda m: m.true_spec),
     "softplus_softmax": Case(lambda: _softplus_softmax(False), (4, 8), 1, lambda m: m.true_spec),
     "gathered_trees": Case(lambda: GatheredTrees(8, 5, 2, 2), (4, 8), 1, _spec_gathered_trees),
+    "one_hot_pick": Case(lambda: OneHotPick(8, 5, 3, 3), (4, 8), 1, lambda m: _spec_fff(m.fff)),
     "linear_leaves": Case(lambda: LinearLeafTree(7, 4, 3), (4, 7), 1, _spec_linear_leaves),
     "module_list": Case(lambda: ModuleListTree(8, 5, depth=2), (4, 8), 1),
     "soft_tree": Case(lambda: SoftTreeMixture(8, depth=3), (4, 8), 1),

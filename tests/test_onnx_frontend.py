@@ -60,7 +60,8 @@ def spec_of_node(model: onnx.ModelProto, node: onnx.NodeProto) -> FFFSpec:
 def hard_reference(name: str, x: torch.Tensor):
     """The layer's hard output computed without ONNX: its own eval forward, or reference.hard of its true spec."""
     module, _ = F.case(name)
-    if name in ("unrolled", "linear_leaves", "fastfeedforward", "hard_tree", "signed_path") or hasattr(module, "true_spec"):
+    if name in ("unrolled", "linear_leaves", "fastfeedforward", "hard_tree", "signed_path", "one_hot_pick") \
+            or hasattr(module, "true_spec"):
         # (the package's eval forward omits b2s; a gallery style has no hard forward of its own)
         return reference.hard(F.CASES[name].true_spec(module), x)
     if name == "soft_tree":
@@ -296,7 +297,8 @@ def test_leaf_major_trees_and_their_form_c(rewritten, exporter):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
-@pytest.mark.parametrize("name", ["fff", "fff_master", "neuron_tree", "flat_table_descent", "hard_tree", "signed_path"])
+@pytest.mark.parametrize("name", ["fff", "fff_master", "neuron_tree", "flat_table_descent", "hard_tree", "signed_path",
+                                  "one_hot_pick"])
 def test_float16_models(tmp_path, name, exporter):
     """A half-precision export: read through its float32 twin, the node and its weights stay float16 (the body
     computes in float32, as reference.hard does); equal to reference.hard of the layer's own spec at other batch
