@@ -80,7 +80,8 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, atol: Optional[float] 
     same_nonfinite = (~finite) & ((a == e) | (torch.isnan(a) & torch.isnan(e)))
     diff = torch.where(same_nonfinite, torch.zeros_like(diff), diff)
     diff = torch.where(finite | same_nonfinite, diff, torch.full_like(diff, float("inf")))
-    bad = diff > atol + rtol * scale
+    # (a NaN or inf expected value makes the bound NaN or inf: only equal non-finites pass)
+    bad = ~((finite & (diff <= atol + rtol * scale)) | same_nonfinite)
     rel = diff / scale.clamp_min(torch.finfo(torch.float64).tiny)
     needed_rtol = ((diff - atol).clamp_min(0) / scale.clamp_min(torch.finfo(torch.float64).tiny)).max().item()
     return Comparison(

@@ -191,6 +191,94 @@ class GatheredLeafTree(nn.Module):
         return torch.einsum("bh,bho->bo", h, f.leaf_w2[leaf]) + f.leaf_b2[leaf]
 
 
+class FlatTableDescent(nn.Module):
+    """Form A as a hard descent with ``index_select`` per level (x * W[n] summed, + b[n], >= 0), whose leaf
+    weights are stored flat, one row per leaf ((L, d_in * l) and (L, l * d_out)), gathered and viewed per row
+    before a bmm: the leaf tables are 2-D, their layout only visible through the numbers."""
+
+    def __init__(self, d_in, d_out, depth, width):
+        super().__init__()
+        self.depth, self.width, self.d_out = depth, width, d_out
+        n, L = 2 ** depth - 1, 2 ** depth
+        self.W = nn.Parameter(torch.randn(n, d_in) / math.sqrt(d_in))
+        self.b = nn.Parameter(torch.randn(n) * 0.3)
+        self.w1 = nn.Parameter(torch.randn(L, d_in * width) / math.sqrt(d_in))
+        self.b1 = nn.Parameter(torch.randn(L, width) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(L, width * d_out) / math.sqrt(width))
+        self.b2 = nn.Parameter(torch.randn(L, d_out) * 0.1)
+
+    def forward(self, x):
+        B, d = x.shape
+        node = torch.zeros(B, dtype=torch.long)
+        for _ in range(self.depth):
+            z = (x * torch.index_select(self.W, 0, node)).sum(-1) + torch.index_select(self.b, 0, node)
+            node = 2 * node + 1 + (z >= 0).long()
+        leaf = node - (2 ** self.depth - 1)
+        w1 = torch.index_select(self.w1, 0, leaf).view(B, d, self.width)
+        h = torch.nn.functional.gelu(torch.bmm(x.unsqueeze(1), w1).squeeze(1) + torch.index_select(self.b1, 0, leaf))
+        w2 = torch.index_select(self.w2, 0, leaf).view(B, self.width, self.d_out)
+        return torch.bmm(h.unsqueeze(1), w2).squeeze(1) + torch.index_select(self.b2, 0, leaf)
+
+
+def _spec_flat_table(m: FlatTableDescent) -> FFFSpec:
+    L = 2 ** m.depth
+    return FFFSpec(form="leaf_mlp", depth=m.depth, activation="gelu", node_weight=m.W.detach(), node_bias=m.b.detach(),
+                   leaf_w1=m.w1.detach().view(L, -1, m.width), leaf_b1=m.b1.detach(),
+                   leaf_w2=m.w2.detach().view(L, m.width, m.d_out), leaf_b2=m.b2.detach(), tie="ge", source="hard")
+
+
+class GatheredTrees(nn.Module):
+    """Form B with P trees as an inference port writes it: the trees' weight rows in one flat tree-major (P n, d)
+    table, per level rows p n + node gathered for every tree at once and dotted with x, > 0 steps; output rows
+    gathered from a (P n, d_out) table, GELU, an output bias."""
+
+    def __init__(self, d_in, d_out, depth, trees):
+        super().__init__()
+        self.depth, self.trees, self.n = depth, trees, 2 ** (depth + 1) - 1
+        self.w_in = nn.Parameter(torch.randn(trees * self.n, d_in) / math.sqrt(d_in))
+        self.b_in = nn.Parameter(torch.randn(trees * self.n) * 0.1)
+        self.w_out = nn.Parameter(torch.randn(trees * self.n, d_out) / math.sqrt(depth + 1))
+        self.b_out = nn.Parameter(torch.randn(d_out) * 0.1)
+
+    def forward(self, x):
+        base = (torch.arange(self.trees) * self.n).unsqueeze(0)
+        node = torch.zeros(x.shape[0], self.trees, dtype=torch.long)
+        y = self.b_out.expand(x.shape[0], -1)
+        for _ in range(self.depth + 1):
+            rows = base + node
+            z = (x.unsqueeze(1) * self.w_in[rows]).sum(-1) + self.b_in[rows]
+            y = y + (torch.nn.functional.gelu(z).unsqueeze(-1) * self.w_out[rows]).sum(1)
+            node = 2 * node + 1 + (z > 0).long()
+        return y
+
+
+def _spec_gathered_trees(m: GatheredTrees) -> FFFSpec:
+    P, n = m.trees, m.n
+    return FFFSpec(form="neuron_tree", depth=m.depth, activation="gelu", node_weight=m.w_in.detach().view(P, n, -1),
+                   node_bias=m.b_in.detach().view(P, n), out_weight=m.w_out.detach().view(P, n, -1),
+                   out_bias=m.b_out.detach(), tie="gt", source="hard")
+
+
+class OneHotPick(nn.Module):
+    """A hard form A tree over all node logits (gather per level, ``where(z >= 0, 2n + 2, 2n + 1)``) that runs every
+    leaf (einsum, SiLU) and keeps the reached one by a one-hot product and a sum (no gather of leaf outputs). Its
+    float16 dynamo export ends in a float32 value."""
+
+    def __init__(self, d_in, d_out, depth, width):
+        super().__init__()
+        self.fff = FFF(d_in, d_out, depth, width, activation="silu")
+
+    def forward(self, x):
+        f = self.fff
+        z = torch.nn.functional.linear(x, f.node_weight, f.node_bias)
+        node = torch.zeros_like(z[:, :1], dtype=torch.long)
+        for _ in range(f.depth):
+            node = torch.where(z.gather(1, node) >= 0, 2 * node + 2, 2 * node + 1)
+        pick = torch.nn.functional.one_hot(node[:, 0] - (2 ** f.depth - 1), 2 ** f.depth).to(x.dtype)
+        h = torch.nn.functional.silu(torch.einsum("bd,ldh->blh", x, f.leaf_w1) + f.leaf_b1)
+        return (pick.unsqueeze(-1) * (torch.einsum("blh,lho->blo", h, f.leaf_w2) + f.leaf_b2)).sum(1)
+
+
 class PerLevelBmmTree(nn.Module):
     """A soft leaf-MLP tree whose mixture is built level by level (per-level router slices, the running path
     weights viewed as (B, 2^(k+1), L / 2^(k+1)) and multiplied by the interleaved (1 - p, p)) and whose leaves
@@ -317,6 +405,73 @@ class LogSpaceTree(nn.Module):
         return (mu.unsqueeze(-1) * torch.einsum("bd,ldo->blo", x, self.leaf_w)).sum(-2)
 
 
+class SignedPathTree(nn.Module):
+    """A soft tree through a signed path table: mu_j = prod_k s(S_jk z[n_jk]) with the node ids n_jk of leaf j's path
+    and S_jk = +1 where it goes right, -1 where it goes left (s(-z) = 1 - s(z)); single linear leaves.
+    ``swapped``: level 1's signs flipped (a look-alike: children swapped there, confirmation refuses it)."""
+
+    def __init__(self, d_in, d_out, depth=3, swapped=False):
+        super().__init__()
+        self.depth, L = depth, 2 ** depth
+        self.router = nn.Linear(d_in, L - 1)
+        self.w = nn.Parameter(torch.randn(L, d_in, d_out) / math.sqrt(d_in))
+        self.b = nn.Parameter(torch.randn(L, d_out) * 0.1)
+        nodes, sign = torch.zeros(L, depth, dtype=torch.long), torch.zeros(L, depth)
+        for j in range(L):
+            n = 0
+            for k in range(depth):
+                bit = (j >> (depth - 1 - k)) & 1
+                nodes[j, k], sign[j, k] = n, (1.0 if bit else -1.0) * (-1.0 if swapped and k == 1 else 1.0)
+                n = 2 * n + 1 + bit
+        self.register_buffer("nodes", nodes)
+        self.register_buffer("sign", sign)
+
+    def forward(self, x):
+        mu = torch.sigmoid(self.router(x)[..., self.nodes] * self.sign).prod(-1)
+        return torch.einsum("...l,...lo->...o", mu, torch.einsum("...d,ldo->...lo", x, self.w) + self.b)
+
+
+def _spec_signed_path(m: SignedPathTree) -> FFFSpec:
+    return FFFSpec(form="leaf_mlp", depth=m.depth, activation="identity", node_weight=m.router.weight.detach(),
+                   node_bias=m.router.bias.detach(), leaf_w1=m.w.detach(), leaf_b1=m.b.detach(), tie="ge")
+
+
+def _path_matrix(swapped: bool) -> nn.Module:
+    """A log-space tree with fixed 0/1 path matrices, mu = exp(log s(z) R + log s(-z) Lm) (a product with zeros:
+    hardened, log 0 = -inf must not turn it into NaN); ``swapped``: level 1's R and Lm rows exchanged (children
+    swapped there: a look-alike that confirmation must refuse)."""
+    module = _gallery("PathMatrix", depth=3, d_in=8, d_out=5, activation="silu", seed=2)
+    if swapped:
+        with torch.no_grad():
+            R, Lm = module.R.clone(), module.Lm.clone()
+            module.R[1:3], module.Lm[1:3] = Lm[1:3], R[1:3]
+        del module.true_spec
+    return module
+
+
+def _softplus_softmax(swapped: bool) -> nn.Module:
+    """Leaves scored in log space with softplus, mu = softmax(-softplus(-z) R - softplus(z) Lm) (read as
+    log-sigmoids); ``swapped``: level 1's R and Lm rows exchanged (a look-alike, left untouched)."""
+    module = _gallery("SoftplusSoftmax", depth=2, d_in=8, d_out=5, activation="gelu", seed=3)
+    if swapped:
+        with torch.no_grad():
+            R, Lm = module.R.clone(), module.Lm.clone()
+            module.R[1:3], module.Lm[1:3] = Lm[1:3], R[1:3]
+        del module.true_spec
+    return module
+
+
+class SoftplusMLP(nn.Module):
+    """A dense MLP with a softplus activation: a softplus of a projection and no tree (untouched)."""
+
+    def __init__(self, d, width=7):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, width), nn.Linear(width, d)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.softplus(self.up(x)) - torch.nn.functional.softplus(-self.up(x)))
+
+
 class GatedFFF(nn.Module):
     """An FFF whose output is multiplied by a soft gate on the same input, y = FFF(x) * s(x G + g): the gate
     could be one more level of a mixture, so the FFF is left (conservatively) with its reason."""
@@ -407,6 +562,12 @@ CASES: dict[str, Case] = {
     "hard_tree": Case(lambda: HardTree(9, 5, 3, 4), (4, 9), 1, lambda m: _spec_fff(m.fff)),
     "gathered_neuron_tree": Case(lambda: GatheredNeuronTree(10, 6, 3), (2, 5, 10), 1, _spec_gathered_neuron_tree),
     "gathered_leaf_tree": Case(lambda: GatheredLeafTree(9, 5, 3, 4), (4, 9), 1, lambda m: _spec_fff(m.fff)),
+    "flat_table_descent": Case(lambda: FlatTableDescent(9, 5, 3, 4), (4, 9), 1, _spec_flat_table),
+    "signed_path": Case(lambda: SignedPathTree(8, 5), (4, 8), 1, _spec_signed_path),
+    "path_matrix": Case(lambda: _path_matrix(False), (4, 8), 1, lambda m: m.true_spec),
+    "softplus_softmax": Case(lambda: _softplus_softmax(False), (4, 8), 1, lambda m: m.true_spec),
+    "gathered_trees": Case(lambda: GatheredTrees(8, 5, 2, 2), (4, 8), 1, _spec_gathered_trees),
+    "one_hot_pick": Case(lambda: OneHotPick(8, 5, 3, 3), (4, 8), 1, lambda m: _spec_fff(m.fff)),
     "linear_leaves": Case(lambda: LinearLeafTree(7, 4, 3), (4, 7), 1, _spec_linear_leaves),
     "module_list": Case(lambda: ModuleListTree(8, 5, depth=2), (4, 8), 1),
     "soft_tree": Case(lambda: SoftTreeMixture(8, depth=3), (4, 8), 1),
@@ -430,6 +591,10 @@ CASES: dict[str, Case] = {
     "not_a_tree": Case(lambda: SoftTreeMixture(8, kind="not_a_tree"), (4, 8), 0),
     "swapped_children": Case(lambda: SoftTreeMixture(8, kind="swapped_children"), (4, 8), 0),
     "gated_residual": Case(lambda: SoftTreeMixture(8, kind="gated_residual"), (4, 8), 0),
+    "signed_path_swapped": Case(lambda: SignedPathTree(8, 5, swapped=True), (4, 8), 0),
+    "path_matrix_swapped": Case(lambda: _path_matrix(True), (4, 8), 0),
+    "softplus_softmax_swapped": Case(lambda: _softplus_softmax(True), (4, 8), 0),
+    "softplus_mlp": Case(lambda: SoftplusMLP(8), (4, 8), 0),
     "log_space_tree": Case(lambda: LogSpaceTree(8), (4, 8), 0),
     "gated_fff": Case(lambda: GatedFFF(6), (4, 6), 0),
     "glu": Case(lambda: GLU(8), (4, 8), 0),

@@ -92,7 +92,8 @@ def test_nothing_to_rewrite_is_copied_through(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "not_onnx", "directory", "unknown_target",
-                                  "no_output_dir", "engine_without_trt", "bad_npz"])
+                                  "no_output_dir", "engine_without_trt", "bad_npz", "missing_external_data",
+                                  "truncated_external_data"])
 def test_bad_inputs_exit_2_one_line_nothing_written(tmp_path, capsys, kind):
     src = F.exported("fff", "dynamo")
     out = tmp_path / "out.onnx"
@@ -118,6 +119,14 @@ def test_bad_inputs_exit_2_one_line_nothing_written(tmp_path, capsys, kind):
         args[3] = str(out)
     elif kind == "engine_without_trt":
         args += ["--engine", str(tmp_path / "m.plan")]
+    elif kind in ("missing_external_data", "truncated_external_data"):
+        # the model file without its data file next to it, or with the data file cut short
+        ext = F.exported("fff", "dynamo", external_data=True)
+        (tmp_path / os.path.basename(ext)).write_bytes(open(ext, "rb").read())
+        if kind == "truncated_external_data":
+            data = open(ext + ".data", "rb").read()
+            (tmp_path / (os.path.basename(ext) + ".data")).write_bytes(data[:len(data) // 2])
+        args[1] = str(tmp_path / os.path.basename(ext))
     elif kind == "bad_npz":
         (tmp_path / "bad.npz").write_bytes(b"garbage")
         args += ["--inputs", str(tmp_path / "bad.npz")]

@@ -60,7 +60,8 @@ def spec_of_node(model: onnx.ModelProto, node: onnx.NodeProto) -> FFFSpec:
 def hard_reference(name: str, x: torch.Tensor):
     """The layer's hard output computed without ONNX: its own eval forward, or reference.hard of its true spec."""
     module, _ = F.case(name)
-    if name in ("unrolled", "linear_leaves", "fastfeedforward", "hard_tree") or hasattr(module, "true_spec"):
+    if name in ("unrolled", "linear_leaves", "fastfeedforward", "hard_tree", "signed_path", "one_hot_pick") \
+            or hasattr(module, "true_spec"):
         # (the package's eval forward omits b2s; a gallery style has no hard forward of its own)
         return reference.hard(F.CASES[name].true_spec(module), x)
     if name == "soft_tree":
@@ -211,16 +212,39 @@ def test_bfloat16_model_rewritten_exactly(tmp_path, exporter):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
-def test_eval_mode_row_gather_descent_is_reported(tmp_path, exporter):
+def test_eval_mode_row_gather_descent_computing_every_leaf(tmp_path, exporter):
     """The per-level tree exported in eval mode: its hard descent gathers each node's weight row, then a row-wise
-    dot, and picks the reached leaf from every leaf's output. Not read (the leaves are not gathered tables): the
-    model is unchanged, and the report names the descent (no silent miss)."""
+    dot, and picks the reached leaf from every leaf's output (leaves run densely as a leaf-major bmm; no leaf
+    table is gathered). The leaves are read by numbers: one node, equal to reference.hard of the layer's own
+    spec at other batch sizes."""
     module, x = F.case("per_level_bmm")
     path = F.export(copy.deepcopy(module).eval(), x, str(tmp_path / "eval.onnx"), exporter)
     original = load_model(path)
     optimized, report = optimize_onnx(original, "onnx")
-    assert not fff_nodes(optimized) and optimized.SerializeToString() == original.SerializeToString()
-    assert any("GreaterOrEqual" in entry.where for entry in report.left), str(report)
+    assert len(fff_nodes(optimized)) == 1, str(report)
+    true = F._spec_per_level_bmm(module)
+    for rows in (1, 9):
+        xs = np.random.default_rng(rows).standard_normal((rows, x.shape[1])).astype(np.float32)
+        got = next(iter(run(optimized, {original.graph.input[0].name: xs}).values()))
+        assert_close(got, reference.hard(true, torch.from_numpy(xs)), f"eval-mode descent/{exporter} at {rows} rows")
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_hard_descent_picking_a_computed_leaf(tmp_path, exporter):
+    """A hard descent over every node's logit (gather per level, >= 0) whose leaves all run densely (one einsum)
+    and whose output is the reached leaf's, picked by a gather (GatherND; Flatten + Gather in a legacy export)."""
+    import graph_gallery
+    from specs import make_spec
+    spec = make_spec(depth=3, d_in=8, d_out=5, activation="tanh", seed=9, source="hard")
+    path = F.export(graph_gallery.HardDense(spec), torch.randn(4, 8), str(tmp_path / "dense.onnx"), exporter)
+    original = load_model(path)
+    optimized, report = optimize_onnx(original, "onnx")
+    (node,) = fff_nodes(optimized)
+    assert spec_of_node(optimized, node).same_as(spec, atol=1e-5, rtol=1e-4)
+    for rows in (1, 7):
+        xs = np.random.default_rng(rows).standard_normal((rows, 8)).astype(np.float32)
+        got = next(iter(run(optimized, {original.graph.input[0].name: xs}).values()))
+        assert_close(got, reference.hard(spec, torch.from_numpy(xs)), f"dense-leaf descent/{exporter} at {rows} rows")
 
 
 def test_trt_target_nodes_carry_plugin_attributes(rewritten):
@@ -273,7 +297,8 @@ def test_leaf_major_trees_and_their_form_c(rewritten, exporter):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
-@pytest.mark.parametrize("name", ["fff", "fff_master", "neuron_tree"])
+@pytest.mark.parametrize("name", ["fff", "fff_master", "neuron_tree", "flat_table_descent", "hard_tree", "signed_path",
+                                  "one_hot_pick"])
 def test_float16_models(tmp_path, name, exporter):
     """A half-precision export: read through its float32 twin, the node and its weights stay float16 (the body
     computes in float32, as reference.hard does); equal to reference.hard of the layer's own spec at other batch
@@ -371,3 +396,20 @@ def test_probe_rows_in_any_axis_round_trip(lead, rows, width, rows_axis):
     else:
         assert axes["v"] == rows_axis
     assert np.array_equal(columns(small, rows, axes.get("v")), values)
+
+
+def test_nan_expected_values_do_not_pass_a_comparison():
+    """compare: a NaN (or inf) in the expected output must fail against a finite value (a NaN bound is no pass);
+    equal non-finites still pass. The hardened original of a log-space path-matrix tree used to be all NaN
+    (log 0 * 0), which made its confirmation vacuous: harden floors a logged step at the dtype's tiny."""
+    nan, inf = float("nan"), float("inf")
+    assert not compare(torch.tensor([[1.0, 2.0]]), torch.tensor([[nan, 2.0]])).passed
+    assert not compare(torch.tensor([[1.0, 2.0]]), torch.tensor([[inf, 2.0]])).passed
+    assert compare(torch.tensor([[nan, inf]]), torch.tensor([[nan, inf]])).passed
+    original = load_model(F.exported("path_matrix", "dynamo"))
+    named, sigmoids, _ = hardening_of(original)
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    hardened = next(iter(run(harden_sigmoids(named, sigmoids), {original.graph.input[0].name: x}).values()))
+    assert np.isfinite(hardened).all()
+    module, _ = F.case("path_matrix")
+    assert_close(hardened, reference.hard(module.true_spec, torch.from_numpy(x)), "hardened log-space original")

@@ -5,6 +5,8 @@
   sigmoids of one X form one candidate; they are ordered by column count, then graph order,
   which is heap order for every layout the exporters produce (one tensor of all nodes, one per
   level, one per node). A different order is not guessed at: confirmation rejects it.
+- Form A, signed paths: ``Sigmoid(z[..., nodes] * S)``, the router logits gathered by a constant path table and
+  multiplied by a constant S of +-1 (``signed_router``); the candidate keeps the logit z for extraction.
 - Form B (UltraFastBERT-style neuron trees): a comparison of a projection ``a = x W + b`` with
   the constant 0 (``Greater(a, 0)``, ``GreaterOrEqual(a, 0)``, or ``Less``/``LessOrEqual`` with
   the operands swapped) whose ``a`` also feeds other ops (the activation); one candidate each.
@@ -47,6 +49,7 @@ class Candidate:
     anchors: list[int]             # node indices: sigmoids (A) or one comparison (B)
     tie: str = "ge"
     notes: list[str] = field(default_factory=list)
+    logits: dict[int, str] = field(default_factory=dict)   # signed-path sigmoid -> the router logit it gathers
 
     def where(self, index: GraphIndex) -> str:
         node = index.nodes[self.anchors[0]]
@@ -84,7 +87,8 @@ def router_source(index: GraphIndex, i: int, static: set[str]) -> Optional[str]:
 
 def scaled_routers(index: GraphIndex) -> list[tuple[int, str]]:
     """(Sigmoid node, X) for sigmoids of a projection of X multiplied by a constant tensor (z * T: signed path
-    tables, a log-space mixture s(+-z)): router-like, but of no form the extractors read; reported, not rewritten."""
+    tables, a log-space mixture s(+-z)): router-like; reported, not rewritten, unless ``signed_router`` reads one
+    as an anchor (``find_ffs`` skips those)."""
     static = static_tensors(index)
     out = []
     for i, node in enumerate(index.nodes):
@@ -100,6 +104,33 @@ def scaled_routers(index: GraphIndex) -> list[tuple[int, str]]:
         if x is not None:
             out.append((i, x))
     return out
+
+
+def signed_router(index: GraphIndex, i: int, static: set[str]) -> Optional[tuple[str, str]]:
+    """(X, z) when Sigmoid node ``i`` reads z[..., nodes] * S: router logits z = x W + b of X gathered by a constant
+    path table and multiplied by a constant S of +-1 (s(z) where a path goes right, s(-z) = 1 - s(z) where it goes
+    left: mu_j = prod_k s(S_jk z_{n_jk})); None otherwise. Only a reading: ``confirm`` decides."""
+    node = index.nodes[i]
+    scaled = index.producer_node(node.input[0])
+    if scaled is None or scaled.op_type != "Mul" or len(scaled.input) != 2:
+        return None
+    signs = [t for t in scaled.input if t in static]
+    data = [t for t in scaled.input if t not in static]
+    if len(signs) != 1 or len(data) != 1:
+        return None
+    value = index.constant_value(signs[0])
+    if value is None or value.size < 2 or not np.all(np.abs(np.asarray(value, dtype=np.float64)) == 1.0):
+        return None
+    z, gathered = data[0], False        # back through layout ops and gathers by a constant path table
+    for _ in range(8):
+        producer = index.producer_node(z)
+        if producer is None or producer.op_type not in _VIEWS + ("GatherND",) \
+                or any(t and t not in static for t in producer.input[1:]):
+            break
+        gathered |= producer.op_type in ("Gather", "GatherND")
+        z = producer.input[0]
+    x = trace_source(index, z, static) if gathered else None
+    return (x, z) if x is not None else None
 
 
 # layout ops, also Gather/Slice when their indices are constant (``x[:, 0, 0]``)
@@ -127,7 +158,7 @@ def gathered_dot(index: GraphIndex, a: str, static: set[str]) -> Optional[tuple[
         seen += 1
         if node is None:
             continue
-        if node.op_type == "Add" or node.op_type in _VIEWS + ("ReduceSum",) \
+        if node.op_type == "Add" or node.op_type in _VIEWS + ("ReduceSum", "Cast") \
                 and all(t in static for t in node.input[1:] if t):
             frontier.extend(t for t in node.input[:1 if node.op_type != "Add" else 2] if t and t not in static)
             continue
@@ -182,12 +213,21 @@ def row_gather_descents(index: GraphIndex, taken: set[int]) -> dict[str, list[in
     return out
 
 
+def _float_source(index: GraphIndex, a: str) -> str:
+    """The tensor that ``a`` is a float cast of (a float16 layer comparing in float32), else ``a``."""
+    cast = index.producer_node(a)
+    if cast is not None and cast.op_type == "Cast" and any(at.name == "to" and at.i in FLOAT_TYPES for at in cast.attribute):
+        return cast.input[0]
+    return a
+
+
 def find_candidates(index: GraphIndex) -> list[Candidate]:
     static = static_tensors(index)
     sigmoid_groups: dict[str, list[int]] = {}
     hard_groups: dict[tuple[str, str], list[int]] = {}
     gathered_groups: dict[tuple[str, str], list[tuple[int, bool, Optional[Candidate]]]] = {}
     candidates: list[Candidate] = []
+    signed_logits: dict[int, str] = {}
     for i, node in enumerate(index.nodes):
         if is_fff_node(node) or node.domain not in ("", "ai.onnx"):
             continue
@@ -195,13 +235,16 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
             x = router_source(index, i, static)
             if x is not None:
                 sigmoid_groups.setdefault(x, []).append(i)
+            elif (signed := signed_router(index, i, static)) is not None:
+                sigmoid_groups.setdefault(signed[0], []).append(i)
+                signed_logits[i] = signed[1]
         elif node.op_type in COMPARISONS:
             tie, data_position = COMPARISONS[node.op_type]
             # Greater(a, 0): a is input 0 and 0 is input 1; Less(0, a): the other way round
             a, zero = (node.input[0], node.input[1]) if data_position == 1 else (node.input[1], node.input[0])
             if a in static or not _is_zero(index, zero):
                 continue
-            picked = index.producer_node(a)
+            picked = index.producer_node(_float_source(index, a))     # (a 16-bit layer deciding in float32)
             if picked is not None and picked.op_type in ("Gather", "GatherElements", "GatherND") \
                     and picked.input[0] not in static and any(n not in static for n in picked.input[1:]):
                 # a hard descent: the logit of the current node, picked from every node's logit by its index
@@ -209,7 +252,7 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
                 if x is not None:
                     hard_groups.setdefault((x, tie), []).append(i)
                 continue
-            gathered = gathered_dot(index, a, static)
+            gathered = gathered_dot(index, _float_source(index, a), static)
             neuron = None
             if _read_elsewhere(index, a):      # a decision on a logit nothing else reads is no neuron tree
                 cast = index.producer_node(a)
@@ -223,7 +266,7 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
             elif neuron is not None:
                 candidates.append(neuron)
     for x, sigmoids in sigmoid_groups.items():
-        candidates.append(Candidate("A", x, sigmoids))
+        candidates.append(Candidate("A", x, sigmoids, logits={i: signed_logits[i] for i in sigmoids if i in signed_logits}))
     for (x, tie), comparisons in hard_groups.items():
         candidates.append(Candidate("H", x, comparisons, tie=tie))
     for (x, tie), members in gathered_groups.items():
@@ -284,4 +327,5 @@ def split_by_outputs(index: GraphIndex, candidate: Candidate) -> list[Candidate]
         _, groups = walk(stop_at=merges - 1)
     if len(groups) < 2:
         return []
-    return [Candidate(candidate.form, candidate.x, g, candidate.tie, list(candidate.notes)) for g in groups]
+    return [Candidate(candidate.form, candidate.x, g, candidate.tie, list(candidate.notes),
+                      {i: z for i, z in candidate.logits.items() if i in g}) for g in groups]

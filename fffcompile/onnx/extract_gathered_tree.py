@@ -8,10 +8,13 @@ step n <- 2n + 1 + [z > 0]. Then either
 - form B: y = sum over the path of act(z_level) V[n_level] (+ c), V gathered from a second
   table of the same 2^(D+1) - 1 rows, or
 - form A: y = leaf MLP of the leaf reached, its weights gathered from tables of 2^D rows
-  (``extract_hard_leaf_tree.leaf_hypotheses``), the node table having 2^D - 1 rows.
+  (``extract_hard_leaf_tree.leaf_hypotheses``), the node table having 2^D - 1 rows; or, where no
+  leaf table is gathered, every leaf computed and the reached one's output picked: the leaves are
+  then read by numbers (``extract_computed_leaves``).
 
 Reading the weights: the node table is the constant 2-D table gathered inside the region whose
-rows number 2^k - 1 and whose width is d_in (node biases: a gathered 1-D table of that length,
+rows number 2^k - 1 (or, form B with P trees stored tree-major in one table, P (2^k - 1), each P a
+hypothesis) and whose width is d_in (node biases: a gathered 1-D table of that length,
 or none); the rest are the output / leaf tables. The activation acts on gathered values and is
 not one op: every activation fffcompile knows is a hypothesis. Each hypothesis is run through
 ``reference.hard`` on probe rows and kept only where it reproduces the region's own output (a
@@ -30,6 +33,7 @@ import torch
 
 from .. import reference
 from ..spec import ACTIVATIONS, FFFSpec
+from .extract_computed_leaves import computed_leaves
 from .extract_leaf_tree import NotExtracted, input_dtypes
 from .extract_hard_leaf_tree import GATHERS, leaf_hypotheses
 from .graph_index import GraphIndex, evaluate, make_session
@@ -50,6 +54,11 @@ def gathered_tables(index: GraphIndex, region: Region) -> list[np.ndarray]:
     return tables
 
 
+def tree_counts(rows: int) -> list[int]:
+    """The tree counts P for which a table of ``rows`` rows holds P trees of 2^k - 1 nodes each (tree-major)."""
+    return [P for P in range(1, rows + 1) if rows % P == 0 and (rows // P + 1) & (rows // P) == 0]
+
+
 def _matches(spec: FFFSpec, x: np.ndarray, want: torch.Tensor, output_bias: bool) -> FFFSpec | None:
     got = reference.hard(spec, torch.from_numpy(x)).double()
     if got.shape != want.shape:
@@ -64,36 +73,58 @@ def _matches(spec: FFFSpec, x: np.ndarray, want: torch.Tensor, output_bias: bool
     return spec if torch.allclose(got, want, rtol=1e-4, atol=scale) else None
 
 
-def extract_gathered_tree(index: GraphIndex, region: Region, tie: str) -> Iterator[FFFSpec]:
+def extract_gathered_tree(index: GraphIndex, region: Region, tie: str, comparisons: tuple[int, ...] = ()
+                          ) -> Iterator[FFFSpec]:
     rank, d_in = x_layout(index.shape(region.x))
     dtype, np_dtype = input_dtypes(index, region)
     tables = gathered_tables(index, region)
-    node_tables = [t for t in tables if t.ndim == 2 and t.shape[1] == d_in and (t.shape[0] + 1) & t.shape[0] == 0]
+    node_tables = [t for t in tables if t.ndim == 2 and t.shape[1] == d_in and tree_counts(t.shape[0])]
     if not node_tables:
         raise NotExtracted("no constant table of 2^k - 1 rows of width d_in is gathered by the descent")
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
     session = make_session(index.submodel(region.nodes, region.inputs, [region.y]))
     x = np.random.default_rng(1).standard_normal(probe_shapes(rank, d_in)[1]).astype(np_dtype)
     want = torch.from_numpy(np.asarray(evaluate(session, region.feed(index, x), [region.y])[region.y])).double()
-    for W in node_tables:
-        n = W.shape[0]
-        biases = [None] + [t for t in tables if t.ndim == 1 and t.shape[0] == n]
+    decisions = [o for i in comparisons for o in index.nodes[i].output if o]
+    readings = {}
+
+    def computed(depth):        # the leaves read by numbers (no leaf tables gathered), once per depth
+        if depth not in readings:
+            readings[depth] = list(computed_leaves(index, region, decisions, depth, np_dtype))
+        return readings[depth]
+
+    for W, P in ((W, P) for W in node_tables for P in tree_counts(W.shape[0])):
+        rows = W.shape[0]
+        n = rows // P
+        no_leaf_tables = decisions and not any(t.shape[0] == n + 1 for t in tables if t is not W)
+        biases = [None] + [t for t in tables if t.ndim == 1 and t.shape[0] == rows]
         rest = [t for t in tables if t is not W]
         for b, activation in itertools.product(biases, ACTIVATIONS):
-            bias = np.zeros(n) if b is None else b
-            # form B: a second table of the same rows holds the output rows
-            for V in (t for t in rest if t.ndim == 2 and t.shape[0] == n):
+            bias = np.zeros(rows) if b is None else b
+            # form B: a second table of the same rows holds the output rows (P trees: tree-major, P n rows)
+            for V in (t for t in rest if t.ndim == 2 and t.shape[0] == rows):
                 depth = (n + 1).bit_length() - 2
                 if depth < 1:
                     continue
-                spec = FFFSpec(form="neuron_tree", depth=depth, activation=activation, node_weight=to(W[None]),
-                               node_bias=to(bias[None]), out_weight=to(V[None]), out_bias=to(np.zeros(V.shape[1])),
+                spec = FFFSpec(form="neuron_tree", depth=depth, activation=activation,
+                               node_weight=to(W.reshape(P, n, d_in)), node_bias=to(bias.reshape(P, n)),
+                               out_weight=to(V.reshape(P, n, -1)), out_bias=to(np.zeros(V.shape[1])),
                                tie=tie, source="hard")
                 found = _matches(spec, x, want, output_bias=True)
                 if found is not None:
                     yield found
+            if P != 1:
+                continue
             # form A: leaf tables of n + 1 rows
             depth = (n + 1).bit_length() - 1
+            if no_leaf_tables and activation == ACTIVATIONS[0]:
+                for act, w1, b1, w2, b2 in computed(depth):     # every leaf computed, the reached one picked
+                    spec = FFFSpec(form="leaf_mlp", depth=depth, activation=act, node_weight=to(W), node_bias=to(bias),
+                                   leaf_w1=to(w1), leaf_b1=to(b1), leaf_w2=None if w2 is None else to(w2),
+                                   leaf_b2=None if b2 is None else to(b2), tie=tie, source="hard")
+                    found = _matches(spec, x, want, output_bias=False)
+                    if found is not None:
+                        yield found
             for w1, b1, w2, b2 in leaf_hypotheses([t for t in rest if t.shape[0] == n + 1], d_in):
                 spec = FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(W),
                                node_bias=to(bias), leaf_w1=to(w1), leaf_b1=to(b1),

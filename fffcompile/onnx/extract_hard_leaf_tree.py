@@ -10,6 +10,8 @@ then gathers the chosen leaf's weights from constant tensors of 2^D rows and app
    depend on the decisions; their roles follow from their shapes: (L, d_in, l) is leaf_w1 (or
    (L, l, d_in) transposed), (L, l) leaf_b1, (L, l, d_out) leaf_w2, (L, d_out) leaf_b2. Where the
    shapes leave a choice (l == d_in, l == d_out), every reading is a hypothesis.
+   Where no such table is gathered (every leaf computed, the reached one's output picked), the
+   leaves are read by numbers instead (``extract_computed_leaves``).
 3. The activation is not visible as one op (it acts on a gathered product): each activation
    fffcompile knows is a hypothesis, tried against the region's own output on probe rows before
    the formal confirmation.
@@ -27,7 +29,9 @@ import torch
 
 from .. import reference
 from ..spec import ACTIVATIONS, FFFSpec
+from .extract_computed_leaves import computed_leaves
 from .extract_leaf_tree import NotExtracted, input_dtypes, affine_probes, read_affine
+from .detect import _float_source
 from .graph_index import GraphIndex, evaluate, make_session
 from .probes import columns, probe_shapes, shaped, x_layout
 from .region import Region
@@ -38,7 +42,7 @@ GATHERS = ("Gather", "GatherND", "GatherElements")
 def extract_hard_leaf_tree(index: GraphIndex, region: Region, comparisons: list[int], tie: str) -> Iterator[FFFSpec]:
     rank, d_in = x_layout(index.shape(region.x))
     dtype, np_dtype = input_dtypes(index, region)
-    z = index.producer_node(_logit(index, comparisons[0])).input[0]
+    z = index.producer_node(_float_source(index, _logit(index, comparisons[0]))).input[0]
     probes = affine_probes(d_in)
     model = index.submodel(index.backward_slice([z], stop={region.x}) & region.nodes, region.inputs, [z])
     W, b = read_affine(columns(evaluate(model, region.feed(index, shaped(probes.astype(np_dtype), rank)), [z])[z],
@@ -57,8 +61,17 @@ def extract_hard_leaf_tree(index: GraphIndex, region: Region, comparisons: list[
                 tables.append(value.astype(np.float64))
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
     hypotheses = leaf_hypotheses(tables, d_in)
-    if not hypotheses:
-        raise NotExtracted("no leaf weight tables of 2^D rows are gathered by the descent")
+    if not hypotheses:      # every leaf computed, the reached one picked: read the leaves by numbers
+        decisions = [o for i in comparisons for o in index.nodes[i].output if o]
+        readings = list(computed_leaves(index, region, decisions, depth, np_dtype, exclude=(z,)))
+        if not readings:
+            raise NotExtracted("no leaf weight tables of 2^D rows are gathered by the descent, and no leaf "
+                               "computed from its input is picked by it")
+        for activation, w1, b1, w2, b2 in readings:
+            yield FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(W.T), node_bias=to(b),
+                          leaf_w1=to(w1), leaf_b1=to(b1), leaf_w2=None if w2 is None else to(w2),
+                          leaf_b2=None if b2 is None else to(b2), tie=tie, source="hard")
+        return
     # the region's own output on probe rows, to pick the activation before the formal confirmation
     session = make_session(index.submodel(region.nodes, region.inputs, [region.y]))
     x = np.random.default_rng(1).standard_normal(probe_shapes(rank, d_in)[1]).astype(np_dtype)
@@ -80,9 +93,15 @@ def _logit(index: GraphIndex, comparison: int) -> str:
 
 def leaf_hypotheses(tables: list[np.ndarray], d_in: int) -> list[tuple]:
     """Every reading (w1, b1, w2, b2) of leaf tables (first dim 2^D) by their shapes: (L, d_in, l) or its
-    transpose is w1, (L, l) b1, (L, l, d_out) or its transpose w2, (L, d_out) b2 (None: linear leaves)."""
+    transpose is w1, (L, l) b1, (L, l, d_out) or its transpose w2, (L, d_out) b2 (None: linear leaves).
+
+    A weight table may also be stored flat, one row per leaf, and viewed per row after the gather:
+    (L, d_in * l) read as (L, d_in, l) or (L, l, d_in) transposed, (L, l * d_out) as (L, l, d_out) or
+    (L, d_out, l) transposed, where a (L, l) / (L, d_out) bias table fixes the width (the numbers decide
+    which reading, if any, is the layer)."""
     threes = [t for t in tables if t.ndim == 3]
     twos = [t for t in tables if t.ndim == 2]
+    widths = {t.shape[1] for t in twos}
     hypotheses = []
     for first, second in ([threes[0], threes[1]], [threes[1], threes[0]]) if len(threes) == 2 else \
             ([(threes[0], None)] if len(threes) == 1 else []):
@@ -99,4 +118,30 @@ def leaf_hypotheses(tables: list[np.ndarray], d_in: int) -> list[tuple]:
                     continue
                 b2s = [t for t in twos if t.shape[1] == w2.shape[2]]
                 hypotheses += [(w1, b1, w2, b2) for b1, b2 in itertools.product(b1s, b2s) if b1 is not b2]
+    if hypotheses or threes:
+        return hypotheses
+    for flat1 in twos:                       # flat tables: the widths come from the bias tables
+        for width in sorted(widths):
+            if flat1.shape[1] != d_in * width:
+                continue
+            for w1 in _unflatten(flat1, d_in, width):
+                b1s = [t for t in twos if t is not flat1 and t.shape[1] == width]
+                hypotheses += [(w1, b1, None, None) for b1 in b1s]
+                for flat2 in twos:
+                    if flat2 is flat1 or flat2.shape[1] % width or flat2.shape[1] // width not in widths:
+                        continue
+                    out = flat2.shape[1] // width
+                    b2s = [t for t in twos if t is not flat1 and t is not flat2 and t.shape[1] == out]
+                    for w2 in _unflatten(flat2, width, out):
+                        hypotheses += [(w1, b1, w2, b2) for b1, b2 in itertools.product(b1s, b2s)
+                                       if b1 is not b2 and b1 is not flat2]
     return hypotheses
+
+
+def _unflatten(flat: np.ndarray, rows: int, cols: int) -> list[np.ndarray]:
+    """(L, rows * cols) as (L, rows, cols), read row-major or as the transpose of (L, cols, rows)."""
+    L = flat.shape[0]
+    readings = [flat.reshape(L, rows, cols)]
+    if rows != 1 and cols != 1:
+        readings.append(flat.reshape(L, cols, rows).transpose(0, 2, 1))
+    return readings

@@ -29,7 +29,7 @@ spec is only a hypothesis until ``confirm`` has run the hardened region against
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -76,15 +76,26 @@ def read_affine(values: np.ndarray, probes: np.ndarray, what: str) -> tuple[np.n
     return W, b
 
 
-def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) -> Iterator[FFFSpec]:
-    """Spec hypotheses, cheapest reading first (see the module doc); ``confirm`` keeps the first that holds."""
+def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int],
+                      logits: Optional[dict[int, str]] = None) -> Iterator[FFFSpec]:
+    """Spec hypotheses, cheapest reading first (see the module doc); ``confirm`` keeps the first that holds.
+    ``logits``: for signed-path sigmoids s(z[nodes] * S), the router logit z each one gathers (read instead of
+    the sigmoid's input; several may share one z)."""
     rank, d_in = x_layout(index.shape(region.x))
     dtype, np_dtype = input_dtypes(index, region)
     static = static_tensors(index)
-    z_names = [index.nodes[i].input[0] for i in sigmoids]
+    logits = logits or {}
+    sigmoid_inputs = {index.nodes[i].input[0] for i in sigmoids}
+    firsts = {}
+    for i in sigmoids:
+        firsts.setdefault(logits.get(i, index.nodes[i].input[0]), i)
+    sigmoids_read = list(firsts.values())           # one per logit read (signed paths share theirs)
+    z_names = list(firsts)
     p_names = [index.nodes[i].output[0] for i in sigmoids]
     projected = projected_tensors(index, region.x, region.x_nodes, static)
-    ends = [t for t in chain_ends(index, projected, region.nodes) if t not in z_names]
+    routing = set().union(*(index.forward_from(z) for z in set(logits.values())))    # signed paths: z's gathers
+    ends = [t for t in chain_ends(index, projected, region.nodes)
+            if t not in z_names and t not in sigmoid_inputs and index.producer.get(t) not in routing]
     if not ends:
         raise NotExtracted("no leaf computation reads the FFF input (a mixture of router outputs only)")
 
@@ -99,7 +110,7 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
     axes = row_axes(values, evaluate(model, region.feed(index, shaped(one_more.astype(np_dtype), rank)), taps))
     z_cols = [columns(values[z], rows, axes.get(z)) for z in z_names]
     widths = [c.shape[1] for c in z_cols]
-    order = sorted(range(len(z_names)), key=lambda k: (widths[k], sigmoids[k]))
+    order = sorted(range(len(z_names)), key=lambda k: (widths[k], sigmoids_read[k]))
     z_all = np.concatenate([z_cols[k] for k in order], 1)
     node_w, node_b = read_affine(z_all, probes, "a router logit")
     n_nodes = node_w.shape[1]
@@ -175,6 +186,8 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int]) ->
             f = f.reshape(R, leaves, -1)
             yield spec((f[1:] - f[:1]).transpose(1, 0, 2), f[0])
 
+    if logits:      # signed paths: the sigmoids hold gathered path columns, not heap-ordered node columns
+        return
     # (b) one leaf per row through the mixture: p = leaf j's path pattern, h = 0 and e_k in leaf j's block
     cut = set(p_names) | set(h_names) | {region.x}
     nodes = index.backward_slice([region.y], stop=cut | set(region.shape_sources)) & region.nodes

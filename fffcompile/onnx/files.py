@@ -35,7 +35,7 @@ def load_model(path: str, load_external_data: bool = True) -> onnx.ModelProto:
         model = onnx.load(path, load_external_data=load_external_data)
     except (DecodeError, ValueError, RuntimeError) as error:
         raise InvalidModelError(f"{path}: not a readable ONNX model (truncated or another format: {error})") from error
-    except OSError as error:
+    except (OSError, onnx.checker.ValidationError) as error:   # (onnx refuses a missing data file this way)
         raise InvalidModelError(f"{path}: cannot read the model or its external data ({error})") from error
     if not model.HasField("graph") or not model.opset_import:
         raise InvalidModelError(f"{path}: not an ONNX model (no graph or no opset import)")

@@ -39,7 +39,7 @@ from ..report import Left, Report, Rewritten
 from ..spec import FFFSpec
 from .attach import insert_fff_nodes, raise_opset
 from .confirm import confirm
-from .contract import check_target
+from .contract import check_target, onnx_dtype
 from .detect import Candidate, find_candidates, row_gather_descents, scaled_routers, split_by_outputs
 from .extract_leaf_tree import NotExtracted, extract_leaf_tree
 from .extract_hard_leaf_tree import extract_hard_leaf_tree
@@ -97,13 +97,13 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
         if previous is not None:
             specs, sigmoids = [previous.spec], previous.sigmoids
         elif candidate.form == "A":
-            specs = extract_leaf_tree(index, region, candidate.anchors)
+            specs = extract_leaf_tree(index, region, candidate.anchors, candidate.logits)
             sigmoids = [index.nodes[i].name for i in candidate.anchors]
         elif candidate.form == "H":
             specs = extract_hard_leaf_tree(index, region, candidate.anchors, candidate.tie)
             sigmoids = []
         elif candidate.form == "G":
-            specs = extract_gathered_tree(index, region, candidate.tie)
+            specs = extract_gathered_tree(index, region, candidate.tie, tuple(candidate.anchors))
             sigmoids = []
         else:
             specs = extract_neuron_tree(index, region, candidate.anchors[0], candidate.tie)
@@ -117,6 +117,8 @@ def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
                     found.comparison = comparison
                     return found, []
             reasons.append(why)
+        if not reasons:     # the extractor read no spec at all: say so, not a smaller region's reason
+            reasons.append(f"at {region.y!r}: no reading of its weights reproduces its output on probe rows")
     except (NotExtracted, InvalidModelError) as error:
         reasons.append(f"at {region.y!r}: {error}")
     except Exception as error:  # a probe that does not run: not this region
@@ -280,6 +282,8 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
                          f"export): not a hard-descent layout fffcompile reads (its training graph, exported in train mode, is)",
                          frontend="onnx"))
     for i, x in scaled_routers(index):
+        if i in anchored:       # a signed-path router, tried as such (rewritten, or left with its own reason)
+            continue
         node = index.nodes[i]
         left.append(Left(f"FFF on {x!r} (anchor Sigmoid {node.name or node.output[0]!r})",
                          "a sigmoid of a projection times a constant tensor (signed paths, a log-space mixture): "
@@ -325,14 +329,18 @@ def rewrite(model: onnx.ModelProto, index: GraphIndex, found: list[Found], targe
                 changed = True
     removed_inputs = {name for i in removed for name in index.inputs_of[i]}
     names = {n.name for n in graph.node} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    fff_nodes = []
+    fff_nodes, casts = [], []
     for k, f in enumerate(found):
         name = f"fff_{k}"
         while any(n.startswith(name) for n in names):
             name += "_"
         names.add(name)
-        fff_nodes.append(fff_node(f.spec, f.region.x, f.region.y, target=target, name=name))
-    new_nodes = [index.nodes[i] for i in sorted(kept)]
+        y, y_type = f.region.y, index.elem_type(f.region.y)
+        if y_type and y_type != onnx_dtype(f.spec.dtype):     # (a 16-bit layer whose export ends in float32)
+            y = f"{name}_out"
+            casts.append(onnx.helper.make_node("Cast", [y], [f.region.y], to=y_type, name=f"{name}_cast"))
+        fff_nodes.append(fff_node(f.spec, f.region.x, y, target=target, name=name))
+    new_nodes = [index.nodes[i] for i in sorted(kept)] + casts
     del graph.node[:]
     graph.node.extend(new_nodes)
     read = {name for n in graph.node for name in _inputs(n)} | {o.name for o in graph.output}
@@ -356,11 +364,29 @@ def hardening_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str
     [(spec, input value)] for the near-tie checks) of every FFF the frontend confirms in it."""
     working = onnx.ModelProto()
     working.CopyFrom(model)
+    working = _respell_softplus_routers(working)      # (router softplus read as log-sigmoids: hardenable)
     _name_anchors(working)
     index = GraphIndex(working)
     found, _ = find_in_model(working, index)
     return (working, {name: tie for f in found for name, tie in f.ties().items()},
             [(f.spec, f.region.x) for f in found])
+
+
+def _respell_softplus_routers(model: onnx.ModelProto, progress=None) -> onnx.ModelProto:
+    """``model`` with its router softplus written as log-sigmoids (``softplus_routers``) when every one of them then
+    lies inside a confirmed FFF; otherwise ``model`` itself (nothing outside an FFF is ever respelled)."""
+    from .softplus_routers import softplus_as_log_sigmoid
+    respelled, outputs = softplus_as_log_sigmoid(model)
+    if not outputs:
+        return model
+    _name_anchors(respelled)
+    index = GraphIndex(respelled)
+    found, _ = find_in_model(respelled, index)
+    inside = {o for f in found for i in f.region.x_nodes for o in index.nodes[i].output}
+    if found and outputs <= inside:
+        _log(progress, f"read {len(outputs) // 3} softplus router(s) as log-sigmoids")
+        return respelled
+    return model
 
 
 def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool = True,
@@ -376,6 +402,7 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
     working = onnx.ModelProto()
     working.CopyFrom(model)
     working = raise_opset(working)
+    working = _respell_softplus_routers(working, progress)
     _name_anchors(working)
     original = onnx.ModelProto()
     original.CopyFrom(working)
