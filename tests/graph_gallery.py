@@ -20,7 +20,8 @@ from an ``arange`` of leaf ids, gathered and multiplied by ``cumprod`` over the 
 nn.ModuleList of Sequential(Linear, activation module, Linear) mixed by ``torch.stack`` and a
 weighted sum). Both take any activation, sigmoid included (not to be read as a decision).
 Form B styles: ``ultrafast`` (gather/scatter chains under no_grad), ``one_hot`` (the path mask
-as ``one_hot(...).sum``).
+as ``one_hot(...).sum``), ``node_major`` (neurons stored node-major, transposed to trees before the
+decisions, mask by ``scatter_add``).
 Look-alikes: ``swapped`` (one level's children swapped), ``not_a_tree`` (sigmoid products over
 node sets that are not root-to-leaf paths).
 """
@@ -537,6 +538,33 @@ class OneHot(_NeuronParams):
             visited.append(node)
         mask = F.one_hot(torch.stack(visited, -1), self.n).sum(-2).to(a.dtype)
         return self.linear_out((_act(self.act)(a3) * mask).reshape(lead + (-1,)))
+
+
+class NodeMajor(_NeuronParams):
+    """Neurons stored node-major (row k P + p of linear_in, column k P + p of linear_out); the layer
+    views (rows, n, P) and transposes to (rows, P, n) before deciding by torch.where(a > 0, 1., 0.),
+    builds the mask by scatter_add of ones, and transposes back before linear_out."""
+
+    def __init__(self, spec: FFFSpec):
+        super().__init__(spec)
+        order = torch.arange(self.trees * self.n).view(self.trees, self.n).T.reshape(-1)   # k P + p -> p n + k
+        with torch.no_grad():
+            self.linear_in.weight.copy_(spec.node_weight.reshape(-1, spec.d_in)[order])
+            self.linear_in.bias.copy_(spec.node_bias.reshape(-1)[order])
+            self.linear_out.weight.copy_(spec.out_weight.reshape(-1, spec.d_out)[order].T)
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        a = self.linear_in(x.reshape(-1, x.shape[-1])).view(-1, self.n, self.trees).transpose(1, 2)   # (rows, P, n)
+        go = torch.where(self.decide(a), 1.0, 0.0)
+        node = torch.zeros(a.shape[0], self.trees, 1, dtype=torch.long)
+        ones = torch.ones(a.shape[0], self.trees, 1, dtype=a.dtype)
+        mask = torch.zeros_like(a).scatter_add(2, node, ones)
+        for _ in range(self.depth):
+            node = (2 * node + 1 + go.gather(2, node)).long()
+            mask = mask.scatter_add(2, node, ones)
+        h = (_act(self.act)(a) * mask).transpose(1, 2).reshape(a.shape[0], -1)
+        return self.linear_out(h).reshape(*lead, -1)
 
 
 STYLES_A = {"packed": Packed, "unrolled": Unrolled, "leaf_major": LeafMajor, "table": Table, "logsigmoid": LogSigmoid, "path_matrix": PathMatrix,

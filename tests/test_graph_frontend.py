@@ -45,7 +45,7 @@ def op_names(gm):
 
 def _spec(style, **kw):
     base = dict(d_in=D, d_out=D)
-    if style in ("ultrafast", "one_hot"):
+    if style in ("ultrafast", "one_hot", "node_major"):
         base.update(form="neuron_tree", activation="gelu")
     base.update(kw)
     spec = make_spec(**base)
@@ -71,14 +71,15 @@ CASES = {
     "ultrafast": (G.UltraFast, dict(depth=2, trees=3, tie="gt")),
     "ultrafast_ge": (G.UltraFast, dict(depth=3, trees=1, tie="ge")),
     "one_hot": (G.OneHot, dict(depth=3, trees=2)),
+    "node_major": (G.NodeMajor, dict(depth=2, trees=3, activation="relu", tie="gt")),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_gallery_style_is_found_rewritten_and_exact(case):
     cls, kw = CASES[case]
-    style = case.split("_")[0] if case not in ("linear_nobias", "path_matrix", "one_hot") else case
-    already_hard = cls in (G.UltraFast, G.OneHot, G.HardIndex, G.HardDense)
+    style = case.split("_")[0] if case not in ("linear_nobias", "path_matrix", "one_hot", "node_major") else case
+    already_hard = cls in (G.UltraFast, G.OneHot, G.NodeMajor, G.HardIndex, G.HardDense)
     spec = _spec(style, **kw)
     model = TinyTransformer(D, [cls(spec), cls(spec)]).eval()
     x = torch.randn(3, 5, D)
@@ -116,7 +117,7 @@ def test_gallery_style_is_found_rewritten_and_exact(case):
     assert sum("fffcompile" in t for t in exported) == 2
 
 
-COLLIDING = {**{name: (cls, {**kw, "depth": 3} if cls in (G.UltraFast, G.OneHot) or kw.get("linear_leaves")
+COLLIDING = {**{name: (cls, {**kw, "depth": 3} if cls in (G.UltraFast, G.OneHot, G.NodeMajor) or kw.get("linear_leaves")
                         else {**kw, "depth": 3, "leaf_width": 4}) for name, (cls, kw) in CASES.items()},
              "leaf_major": (G.LeafMajor, dict(depth=3, leaf_width=4, activation="relu"))}
 
@@ -127,7 +128,7 @@ def test_2d_example_whose_batch_equals_a_tree_size(case, batch):
     """A 2-D example input whose row count equals a tree size (2^(D-1) = leaf width = 4, 2^D = 8):
     which dim holds the rows is read off the symbolic batch, not guessed from the example's sizes."""
     cls, kw = COLLIDING[case]
-    style = case.split("_")[0] if case not in ("linear_nobias", "path_matrix", "one_hot", "leaf_major") else case
+    style = case.split("_")[0] if case not in ("linear_nobias", "path_matrix", "one_hot", "leaf_major", "node_major") else case
     spec = _spec(style, **kw)
     layer = cls(spec).eval()
     fast = fffcompile.optimize(layer, torch.randn(batch, D), frontends=("graph",))
@@ -146,7 +147,7 @@ def test_static_capture_whose_batch_equals_a_tree_size(case, batch):
     """A static capture has no symbolic batch: where several dims have the row count, a probe
     (one row of x changed) tells which one holds the rows; the extracted spec is the true one."""
     cls, kw = COLLIDING[case]
-    style = case.split("_")[0] if case not in ("linear_nobias", "path_matrix", "one_hot", "leaf_major") else case
+    style = case.split("_")[0] if case not in ("linear_nobias", "path_matrix", "one_hot", "leaf_major", "node_major") else case
     spec = _spec(style, **kw)
     x = torch.randn(batch, D)
     program = torch.export.export(cls(spec).eval(), (x,), strict=False).run_decompositions({})  # static, functional

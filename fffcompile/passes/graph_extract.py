@@ -320,11 +320,34 @@ def extract_neuron_tree(facts: GraphFacts, cand: Candidate, cut: Cutout, d_in: i
     readings = [d for d in range(1, 24) if 2 ** (d + 1) - 1 <= K and K % (2 ** (d + 1) - 1) == 0]
     if not readings:
         return f"{K} neurons do not make P trees of 2^(D+1) - 1 nodes (D >= 1)"
-    return _neuron_readings(cut, cand, d_in, K, W, b, act, act_out, tie, sorted(readings, reverse=True))
+    perm = _activation_order(cut, cand, act_in, W, b, d_in, seed)
+    return _neuron_readings(cut, cand, d_in, K, W[perm], b[perm], act, act_out, tie, sorted(readings, reverse=True), perm)
 
 
-def _neuron_readings(cut, cand, d_in, K, W, b, act, act_out, tie, depths):
-    """Specs for each depth reading, deepest (fewest trees) first, computed only when asked for."""
+def _activation_order(cut, cand, act_in, W, b, d_in, seed) -> torch.Tensor:
+    """perm with activation column i = logit column perm[i]: the neurons' pre-activations read as
+    affine maps and matched row by row to the node logits' (a layer that transposes its neurons
+    between the decisions and the activations, node-major storage read tree-major); identity
+    when they are not a permutation of each other."""
+    K = W.shape[0]
+    identity = torch.arange(K)
+    pre = _affine(cut, act_in, d_in, seed + 3)
+    if pre is None or pre[0].shape != W.shape:
+        return identity
+    A = torch.cat([pre[0], pre[1].unsqueeze(1)], 1)
+    Z = torch.cat([W, b.unsqueeze(1)], 1)
+    dist = torch.cdist(A, Z)
+    perm = dist.argmin(1)
+    scale = 1e-6 * (1.0 + float(Z.abs().max()))
+    if len(set(perm.tolist())) != K or float(dist.gather(1, perm.unsqueeze(1)).max()) > scale * K:
+        return identity
+    return perm
+
+
+def _neuron_readings(cut, cand, d_in, K, W, b, act, act_out, tie, depths, perm):
+    """Specs for each depth reading, deepest (fewest trees) first, computed only when asked for;
+    the activation columns read tree-major (column p n + k), then node-major (k P + p).
+    W, b: in activation order; perm: activation column -> logit column."""
     for depth in depths:
         n = 2 ** (depth + 1) - 1
         P = K // n
@@ -334,17 +357,24 @@ def _neuron_readings(cut, cand, d_in, K, W, b, act, act_out, tie, depths):
         leaf = pos << (depth - level)                                          # (n,) leaf below node k
         bits = ((leaf.unsqueeze(1) >> (depth - 1 - level.unsqueeze(0)).clamp_min(0)) & 1).double() * 2 - 1  # (n, n)
         bits = torch.where(level.unsqueeze(0) < depth, bits, -torch.ones_like(bits))
-        signs = bits.repeat(1, P).repeat(P, 1) * _T                           # rows: column c = p * n + k
-        H = torch.cat([torch.zeros(1, K, dtype=torch.float64), torch.eye(K, dtype=torch.float64)])
-        logits = torch.cat([signs[:1], signs])
-        Y = cut.run_rows(torch.zeros(K + 1, d_in, dtype=torch.float64),
-                         overrides={**_split(cut, act_out, H), **_split(cut, cand.sources, logits)}, double=True).double()
-        V = Y[1:] - Y[0]
-        try:
-            yield (FFFSpec("neuron_tree", depth, act, node_weight=W.reshape(P, n, d_in), node_bias=b.reshape(P, n),
-                                 out_weight=V.reshape(P, n, -1), out_bias=Y[0], tie=tie, source="hard"))
-        except InvalidSpecError:
-            continue
+        tree_major = bits.repeat(1, P).repeat(P, 1) * _T                       # rows, cols: tree-major p * n + k
+        layouts = [torch.arange(K)] + ([torch.arange(K).view(n, P).T.reshape(-1)] if P > 1 else [])
+        for flat in layouts:                                                   # tree-major index -> activation column
+            signs = torch.empty_like(tree_major)
+            signs[flat.unsqueeze(1), flat.unsqueeze(0)] = tree_major           # rows, cols in activation order
+            by_logit = torch.empty_like(signs)
+            by_logit[:, perm] = signs                                          # cols in the logits' order
+            H = torch.cat([torch.zeros(1, K, dtype=torch.float64), torch.eye(K, dtype=torch.float64)])
+            logits = torch.cat([by_logit[:1], by_logit])
+            Y = cut.run_rows(torch.zeros(K + 1, d_in, dtype=torch.float64),
+                             overrides={**_split(cut, act_out, H), **_split(cut, cand.sources, logits)}, double=True).double()
+            V = (Y[1:] - Y[0])[flat]
+            try:
+                yield (FFFSpec("neuron_tree", depth, act, node_weight=W[flat].reshape(P, n, d_in),
+                               node_bias=b[flat].reshape(P, n), out_weight=V.reshape(P, n, -1), out_bias=Y[0],
+                               tie=tie, source="hard"))
+            except InvalidSpecError:
+                continue
 
 
 

@@ -1,7 +1,8 @@
 """The graph frontend: find FFF soft (and neuron) trees in a captured graph, whoever wrote them.
 
 Pipeline, one concept per module:
-1. ``graph_capture``: torch.export (ATen, functionalised, dynamic dims), else torch.fx;
+1. ``graph_capture``: torch.export (ATen, functionalised, dynamic dims), else torch.fx; a model no
+   capture can follow as a whole has its submodules captured instead (``_rewrite_submodules``);
 2. ``graph_canonical``: op vocabulary and per-node facts (value dependence, affine source),
    one linear pass;
 3. ``graph_anchor``: decisions (sigmoid / log-sigmoid / comparisons of logits affine in an
