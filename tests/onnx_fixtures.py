@@ -472,6 +472,22 @@ class SoftplusMLP(nn.Module):
         return self.down(torch.nn.functional.softplus(self.up(x)) - torch.nn.functional.softplus(-self.up(x)))
 
 
+class SigmoidLeafMixture(SoftTreeMixture):
+    """A soft tree mixture (third_party layout) whose leaves are sigmoid MLPs, or, ``gated``, whose leaves gate x by a
+    sigmoid, y_j = (x * s(x W1_j + b1_j)) W2_j + b2_j (no leaf MLP: the sigmoid meets data before the second layer).
+    Used as look-alikes: ``kind="swapped_children"`` (sigmoid leaves, one level's children swapped) and gated."""
+
+    def __init__(self, d, kind="tree", gated=False):
+        super().__init__(d, depth=3, hidden=d if gated else 6, kind=kind)
+        self.gated = gated
+
+    def _leaves(self, x):
+        h = torch.sigmoid(torch.einsum("bd,ldh->blh", x, self.experts_in) + self.experts_in_bias)
+        if self.gated:
+            h = x.unsqueeze(1) * h
+        return torch.einsum("blh,lho->blo", h, self.experts_out) + self.experts_out_bias
+
+
 class GatedFFF(nn.Module):
     """An FFF whose output is multiplied by a soft gate on the same input, y = FFF(x) * s(x G + g): the gate
     could be one more level of a mixture, so the FFF is left (conservatively) with its reason."""
@@ -583,6 +599,9 @@ CASES: dict[str, Case] = {
     "per_level_bmm": Case(lambda: PerLevelBmmTree(8), (4, 8), 1, all_or_nothing=True),
     "leaf_major_bmm": Case(lambda: PerLevelBmmTree(10, depth=4, width=3), (4, 10), 1, _spec_per_level_bmm),
     "leaf_major_master": Case(lambda: LeafMajorMaster(9), (4, 9), 1),
+    # sigmoid leaf activations: the leaf sigmoids are no routers (only the routers are hardened)
+    "fff_sigmoid": Case(lambda: FFF(12, 7, 3, 5, activation="sigmoid"), (4, 12), 1, _spec_fff),
+    "fff_master_sigmoid": Case(lambda: FFF(10, 6, 3, 4, activation="sigmoid", master_width=8), (4, 10), 1),
     "log_sigmoid_leaf_major": Case(lambda: _gallery("LogSigmoid", depth=3, d_in=8, d_out=5, seed=3), (4, 8), 1,
                                    lambda m: m.true_spec),
     # look-alikes: nothing to rewrite
@@ -594,6 +613,8 @@ CASES: dict[str, Case] = {
     "signed_path_swapped": Case(lambda: SignedPathTree(8, 5, swapped=True), (4, 8), 0),
     "path_matrix_swapped": Case(lambda: _path_matrix(True), (4, 8), 0),
     "softplus_softmax_swapped": Case(lambda: _softplus_softmax(True), (4, 8), 0),
+    "sigmoid_leaves_swapped": Case(lambda: SigmoidLeafMixture(8, kind="swapped_children"), (4, 8), 0),
+    "sigmoid_gated_leaves": Case(lambda: SigmoidLeafMixture(8, gated=True), (4, 8), 0),
     "softplus_mlp": Case(lambda: SoftplusMLP(8), (4, 8), 0),
     "log_space_tree": Case(lambda: LogSpaceTree(8), (4, 8), 0),
     "gated_fff": Case(lambda: GatedFFF(6), (4, 6), 0),

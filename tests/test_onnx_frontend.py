@@ -413,3 +413,16 @@ def test_nan_expected_values_do_not_pass_a_comparison():
     assert np.isfinite(hardened).all()
     module, _ = F.case("path_matrix")
     assert_close(hardened, reference.hard(module.true_spec, torch.from_numpy(x)), "hardened log-space original")
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_sigmoid_leaves_stay_soft_when_hardened(rewritten, exporter):
+    """A tree with sigmoid leaf activations: one router sigmoid is its decision (hardened for verification), the
+    leaf sigmoid is its activation (left soft), and the rewrite equals the layer's spec."""
+    original, optimized, report = rewritten("fff_sigmoid", exporter)
+    assert len(fff_nodes(optimized)) == 1 and report.rewritten[0].description.count("sigmoid") == 1, str(report)
+    named, sigmoids, _ = hardening_of(original)
+    all_sigmoids = [n.name for n in named.graph.node if n.op_type == "Sigmoid"]
+    assert len(all_sigmoids) == 2 and len(sigmoids) == 1, (all_sigmoids, sigmoids)
+    hardened = harden_sigmoids(named, sigmoids)
+    assert [n.name for n in hardened.graph.node if n.op_type == "Sigmoid"] == [s for s in all_sigmoids if s not in sigmoids]

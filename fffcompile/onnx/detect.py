@@ -23,7 +23,15 @@ Two soft trees routing the same X land in one sigmoid group; when that group is 
 trees' outputs), or into the sets that never meet, and each part is tried on its own.
 
 Sigmoids of constants (form C's blend ``s(k)``) and sigmoids whose output is read together with
-their input by one op (an activation such as SiLU, ``a * s(a)``) are no anchors. Nothing is rewritten on the
+their input by one op (an activation such as SiLU, ``a * s(a)``) are no anchors.
+
+A sigmoid can also be a leaf MLP's activation (a projection of X too). A sigmoid whose value, through
+layout ops, is only contracted with constants (MatMul / Gemm / Einsum against static tensors: a leaf's
+second layer) is a *leaf activation* candidate (``leaf_activation``): when a sigmoid group of one X holds
+such ones and others, the others are the anchors of a first candidate (``leaf_sigmoids`` holds the
+rest, which stay soft when hardened), and the whole group follows as a ``fallback`` candidate, tried
+only when the first reading is not confirmed (a router sigmoid contracted with a constant 0/1 path
+matrix). A sigmoid that meets a data value first (a gate ``x * s(x W)``, a GLU) stays a router. Nothing is rewritten on the
 strength of an anchor: ``region`` finds the subgraph, ``extract`` the spec, ``confirm`` the
 numbers.
 """
@@ -50,6 +58,8 @@ class Candidate:
     tie: str = "ge"
     notes: list[str] = field(default_factory=list)
     logits: dict[int, str] = field(default_factory=dict)   # signed-path sigmoid -> the router logit it gathers
+    leaf_sigmoids: list[int] = field(default_factory=list)  # sigmoids of X read as the leaves' activation, not anchors
+    fallback: bool = False         # the all-decisions reading of a group with leaf sigmoids: tried after the first
 
     def where(self, index: GraphIndex) -> str:
         node = index.nodes[self.anchors[0]]
@@ -83,6 +93,34 @@ def router_source(index: GraphIndex, i: int, static: set[str]) -> Optional[str]:
     if any(node.output[0] in r.input for r in index.consumer_nodes(node.input[0])):
         return None
     return trace_source(index, node.input[0], static)
+
+
+_LAYOUT = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Expand", "Cast")
+_CONTRACTIONS = ("MatMul", "Gemm", "Einsum")
+
+
+def leaf_activation(index: GraphIndex, i: int, static: set[str], steps: int = 6) -> bool:
+    """Whether Sigmoid node ``i``'s value, through layout ops, is read only by contractions (MatMul / Gemm /
+    Einsum) with static tensors: a leaf MLP's activation before its second layer, rather than a router.
+    Any other reader (a product with data, a Sub 1 - p, a Slice) makes it router-like."""
+    frontier, seen, contracted = [index.nodes[i].output[0]], set(), False
+    while frontier:
+        t = frontier.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if len(seen) > steps * 4:
+            return False
+        for c in index.consumers.get(t, ()):
+            node = index.nodes[c]
+            others = [n for n in node.input if n and n != t]
+            if node.op_type in _LAYOUT and node.input[0] == t:
+                frontier.extend(o for o in node.output if o)
+            elif node.op_type in _CONTRACTIONS and others and all(n in static for n in others):
+                contracted = True
+            elif node.op_type not in ("Shape", "Size"):
+                return False
+    return contracted
 
 
 def scaled_routers(index: GraphIndex) -> list[tuple[int, str]]:
@@ -266,7 +304,14 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
             elif neuron is not None:
                 candidates.append(neuron)
     for x, sigmoids in sigmoid_groups.items():
-        candidates.append(Candidate("A", x, sigmoids, logits={i: signed_logits[i] for i in sigmoids if i in signed_logits}))
+        logits = {i: signed_logits[i] for i in sigmoids if i in signed_logits}
+        leaves = [i for i in sigmoids if i not in logits and leaf_activation(index, i, static)]
+        if 0 < len(leaves) < len(sigmoids):     # some sigmoids look like leaf activations: routers first
+            routers = [i for i in sigmoids if i not in leaves]
+            candidates.append(Candidate("A", x, routers, logits=logits, leaf_sigmoids=leaves))
+            candidates.append(Candidate("A", x, sigmoids, logits=logits, fallback=True))
+        else:
+            candidates.append(Candidate("A", x, sigmoids, logits=logits))
     for (x, tie), comparisons in hard_groups.items():
         candidates.append(Candidate("H", x, comparisons, tie=tie))
     for (x, tie), members in gathered_groups.items():
@@ -274,7 +319,7 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
             candidates.append(Candidate("G", x, [i for i, _, _ in members], tie=tie))
         else:       # every row gathered by a constant index: an ordinary projection
             candidates.extend(neuron for _, _, neuron in members if neuron is not None)
-    candidates.sort(key=lambda c: c.anchors[0])
+    candidates.sort(key=lambda c: (min(c.anchors + c.leaf_sigmoids), c.fallback))
     return candidates
 
 
@@ -328,4 +373,5 @@ def split_by_outputs(index: GraphIndex, candidate: Candidate) -> list[Candidate]
     if len(groups) < 2:
         return []
     return [Candidate(candidate.form, candidate.x, g, candidate.tie, list(candidate.notes),
-                      {i: z for i, z in candidate.logits.items() if i in g}) for g in groups]
+                      {i: z for i, z in candidate.logits.items() if i in g}, list(candidate.leaf_sigmoids),
+                      candidate.fallback) for g in groups]

@@ -9,8 +9,9 @@ reproduced exactly), nor can the whole-model check (it hardens only the rewritte
 confirmed region is still refused when
 
 1. it contains a router-like sigmoid of X (``detect.router_source``: a sigmoid of a projection of
-   the same X, not SiLU, not of a constant) that is none of its anchors: that sigmoid would stay soft inside
-   the fused op; or
+   the same X, not SiLU, not of a constant) that is none of its anchors nor one of the sigmoids the
+   candidate reads as its leaves' activation (``detect.leaf_activation``): that sigmoid would stay soft
+   inside the fused op; or
 2. Y, through layout ops only, is read by a product (Mul, Div, MatMul, Gemm, Einsum) whose other
    operand depends on a router-like sigmoid of the same X outside the region: Y is a path weight
    (or part of the mixture) that another soft decision goes on to modulate.
@@ -45,11 +46,14 @@ def router_sigmoids(index: GraphIndex, x: str, static: set[str] | None = None) -
     return [i for i, n in enumerate(index.nodes) if n.op_type == "Sigmoid" and router_source(index, i, static) in sources]
 
 
-def soft_routers_mixing(index: GraphIndex, x: str, anchors: list[int], region: Region) -> str:
-    """Why ``region`` (with router sigmoids ``anchors`` of ``x``) is part of a larger soft mixture, or ""."""
+def soft_routers_mixing(index: GraphIndex, x: str, anchors: list[int], region: Region,
+                        leaf_sigmoids: list[int] = ()) -> str:
+    """Why ``region`` (with router sigmoids ``anchors`` of ``x``) is part of a larger soft mixture, or "".
+    ``leaf_sigmoids``: sigmoids of x the candidate reads as its leaves' activation (``detect.leaf_activation``):
+    neither decisions nor other routers; the numbers decide whether that reading holds."""
     from .detect import router_source
     static = static_tensors(index)
-    anchors = set(anchors)
+    anchors = set(anchors) | set(leaf_sigmoids)
     inside = [i for i in sorted(region.x_nodes) if index.nodes[i].op_type == "Sigmoid" and i not in anchors
               and router_source(index, i, static) in same_input(index, x)]
     if inside:

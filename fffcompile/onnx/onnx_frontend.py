@@ -216,7 +216,7 @@ def _confirm(index: GraphIndex, candidate: Candidate, where: str, taken: set[int
         if result is not None and not _extends(index, result.region, region, candidate.form):
             break
         if candidate.form == "A":
-            mixing = soft_routers_mixing(index, candidate.x, candidate.anchors, region)
+            mixing = soft_routers_mixing(index, candidate.x, candidate.anchors, region, candidate.leaf_sigmoids)
             if mixing:
                 if os.environ.get("FFFCOMPILE_DEBUG"):
                     print(f"fffcompile onnx: {where} at {region.y!r}: {mixing}", file=sys.stderr)
@@ -240,10 +240,13 @@ def _confirm(index: GraphIndex, candidate: Candidate, where: str, taken: set[int
 def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]:
     """Confirmed FFFs (disjoint regions) and the candidates left, with reasons.
 
+    A soft candidate with sigmoids read as leaf activations (``detect.leaf_activation``) that is not
+    confirmed is not reported: its group's all-decisions reading follows (``fallback``) and is.
     A soft candidate that is not confirmed as a whole is split where its sigmoids meet last
     (``detect.split_by_outputs``: two trees routing one input); when a part is confirmed, every part
     is reported on its own, otherwise the candidate as a whole."""
     found, left, taken = [], [], set()
+    first_reading: dict[str, list[str]] = {}        # x -> reasons of a leaf-sigmoid reading not confirmed
     candidates = find_candidates(index)
     for candidate in candidates:
         where = candidate.where(index)
@@ -266,8 +269,13 @@ def find_ffs(index: GraphIndex, progress=None) -> tuple[list[Found], list[Left]]
                 if mixing:
                     attempts = [(candidate, where, None, reasons + mixing[:1])]
         for candidate, where, result, reasons in attempts:
+            if result is None and candidate.leaf_sigmoids:
+                first_reading[candidate.x] = reasons    # its fallback (all-decisions reading) is tried and reported next
+                continue
             if result is None:
                 reason = reasons[-1] if reasons else "no closed subgraph depends on all of its decisions"
+                if candidate.fallback:          # the first reading's numbers are the nearer miss
+                    reasons = first_reading.pop(candidate.x, []) + reasons
                 nearest = next((r for r in reversed(reasons) if "differs from the extracted" in r), None)
                 left.append(Left(where, reason, near_miss=nearest if nearest != reason else None, frontend="onnx"))
                 continue
