@@ -436,29 +436,28 @@ def _spec_signed_path(m: SignedPathTree) -> FFFSpec:
                    node_bias=m.router.bias.detach(), leaf_w1=m.w.detach(), leaf_b1=m.b.detach(), tie="ge")
 
 
+def _level1_swapped(module: nn.Module) -> nn.Module:
+    """A path-matrix tree with level 1's R and Lm rows exchanged: its children swapped there, a look-alike."""
+    with torch.no_grad():
+        R, Lm = module.R.clone(), module.Lm.clone()
+        module.R[1:3], module.Lm[1:3] = Lm[1:3], R[1:3]
+    del module.true_spec
+    return module
+
+
 def _path_matrix(swapped: bool) -> nn.Module:
     """A log-space tree with fixed 0/1 path matrices, mu = exp(log s(z) R + log s(-z) Lm) (a product with zeros:
-    hardened, log 0 = -inf must not turn it into NaN); ``swapped``: level 1's R and Lm rows exchanged (children
-    swapped there: a look-alike that confirmation must refuse)."""
+    hardened, log 0 = -inf must not turn it into NaN); ``swapped``: level 1's children swapped (a look-alike
+    that confirmation must refuse)."""
     module = _gallery("PathMatrix", depth=3, d_in=8, d_out=5, activation="silu", seed=2)
-    if swapped:
-        with torch.no_grad():
-            R, Lm = module.R.clone(), module.Lm.clone()
-            module.R[1:3], module.Lm[1:3] = Lm[1:3], R[1:3]
-        del module.true_spec
-    return module
+    return _level1_swapped(module) if swapped else module
 
 
 def _softplus_softmax(swapped: bool) -> nn.Module:
     """Leaves scored in log space with softplus, mu = softmax(-softplus(-z) R - softplus(z) Lm) (read as
-    log-sigmoids); ``swapped``: level 1's R and Lm rows exchanged (a look-alike, left untouched)."""
+    log-sigmoids); ``swapped``: level 1's children swapped (a look-alike, left untouched)."""
     module = _gallery("SoftplusSoftmax", depth=2, d_in=8, d_out=5, activation="gelu", seed=3)
-    if swapped:
-        with torch.no_grad():
-            R, Lm = module.R.clone(), module.Lm.clone()
-            module.R[1:3], module.Lm[1:3] = Lm[1:3], R[1:3]
-        del module.true_spec
-    return module
+    return _level1_swapped(module) if swapped else module
 
 
 class SoftplusMLP(nn.Module):

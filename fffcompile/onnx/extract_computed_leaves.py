@@ -23,10 +23,9 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-import torch
 
-from .activation_match import elementwise_closure, match_activation
-from .extract_leaf_tree import _frontier, affine_probes, read_affine
+from .activation_match import elementwise_closure
+from .extract_leaf_tree import _frontier, affine_probes, read_leaf_first_layers
 from .graph_index import GraphIndex, evaluate, make_session
 from .linear_chains import chain_ends, projected_tensors, static_tensors
 from .probes import columns, row_axes, rows_as, shaped, x_layout
@@ -54,16 +53,7 @@ def computed_leaves(index: GraphIndex, region: Region, decisions: list[str], dep
     values = evaluate(model, region.feed(index, shaped(probes.astype(np_dtype), rank)), taps)
     one_more = np.concatenate([probes, affine_probes(d_in, extra=1, seed=1)[-1:]])
     axes = row_axes(values, evaluate(model, region.feed(index, shaped(one_more.astype(np_dtype), rank)), taps))
-    acts, h_names, w1_parts, b1_parts = set(), [], [], []
-    for a in ends:
-        W, b = read_affine(columns(values[a], rows, axes.get(a)), probes, "a leaf pre-activation")
-        act, h = match_activation(values[a], {v: values[v] for v in closures[a]},
-                                  getattr(index, "narrow_dtypes", {}).get(region.x, torch.float32))
-        acts.add(act)
-        h_names.append(h or a)
-        w1_parts.append(W)
-        b1_parts.append(b)
-    W1, b1 = np.concatenate(w1_parts, 1), np.concatenate(b1_parts)
+    acts, h_names, W1, b1 = read_leaf_first_layers(index, region, values, ends, closures, rows, axes, probes)
     if len(acts) != 1 or W1.shape[1] % leaves:
         return
     activation = acts.pop()

@@ -120,20 +120,10 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int],
     leaves = 2 ** depth
 
     # 2. leaf first layer and activation
-    acts, h_names, w1_parts, b1_parts = set(), [], [], []
-    for a in ends:
-        a_cols = columns(values[a], rows, axes.get(a))
-        W, b = read_affine(a_cols, probes, "a leaf pre-activation")
-        act, h = match_activation(values[a], {v: values[v] for v in closures[a]},
-                                  getattr(index, "narrow_dtypes", {}).get(region.x, torch.float32))
-        acts.add(act)
-        h_names.append(h or a)
-        w1_parts.append(W)
-        b1_parts.append(b)
+    acts, h_names, W1, b1 = read_leaf_first_layers(index, region, values, ends, closures, rows, axes, probes)
     if len(acts) != 1:
         raise NotExtracted(f"the leaves use different activations ({', '.join(sorted(acts))})")
     activation = acts.pop()
-    W1, b1 = np.concatenate(w1_parts, 1), np.concatenate(b1_parts)
     if W1.shape[1] % leaves:
         raise NotExtracted(f"{W1.shape[1]} leaf hidden units do not split into {leaves} leaves")
     width = W1.shape[1] // leaves
@@ -217,6 +207,23 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int],
         outputs.append(y.reshape(len(block), per_leaf, -1))
     y = np.concatenate(outputs)                      # (L, l + 1, d_out)
     yield spec(y[:, 1:] - y[:, :1], y[:, 0])
+
+
+def read_leaf_first_layers(index: GraphIndex, region: Region, values: dict, ends: list[str], closures: dict,
+                           rows: int, axes: dict, probes: np.ndarray):
+    """The leaves' first layer: each pre-activation a in ``ends`` read as an affine map of the probe rows
+    (W, b), and its activation matched by numbers among the values of ``closures[a]``. Returns (the set of
+    activations found, the activated value of each end, W1 and b1 with the ends' columns concatenated)."""
+    acts, h_names, w1_parts, b1_parts = set(), [], [], []
+    narrow = getattr(index, "narrow_dtypes", {}).get(region.x, torch.float32)
+    for a in ends:
+        W, b = read_affine(columns(values[a], rows, axes.get(a)), probes, "a leaf pre-activation")
+        act, h = match_activation(values[a], {v: values[v] for v in closures[a]}, narrow)
+        acts.add(act)
+        h_names.append(h or a)
+        w1_parts.append(W)
+        b1_parts.append(b)
+    return acts, h_names, np.concatenate(w1_parts, 1), np.concatenate(b1_parts)
 
 
 def _frontier(index: GraphIndex, region: Region, p_names: list[str], h_names: list[str]) -> list[str]:
