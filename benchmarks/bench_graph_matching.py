@@ -16,14 +16,14 @@ anchor + recording x + cut-out/extraction/confirmation; capture = export + funct
         8    3226        69          -                 0.5
        10   12474       304          2.3 (1 run)       2.0
        11   24778       877         64 / 11.5          3.4
-       12   49370       925          -                11.1 (13.9 with a capture running beside it)
+       12   49370       925          -                11.1 before the GC pause, 7.4 with it
 
 Depth 12, measured 2026-11-24 on a quiet machine from the cached capture (``--depths 8 10 12 --cache``):
 depth 8 0.38 s, 10 1.42 s, 12 11.1 s (facts 0.21, anchor 0.25, extraction + confirmation 6.2, rewrite
-4.4). From depth 10 to 12 (4x the nodes) the time grows 7.8x: the rewrite's graph copy is linear
-(~55 us per node of torch.fx node creation), the extraction spends a third of its time in
-torch.fx's ``all_input_nodes`` (148k calls, 15 us each: some nodes have long input lists). Not
-yet looked into.
+4.4). From depth 10 to 12 (4x the nodes) the time grew 7.8x: Python's cyclic garbage collector,
+whose full collections scan every fx object alive. The frontend now pauses it while it analyses and
+rewrites a capture (graph_frontend._gc_paused): depth 12 7.4 s (extraction + confirmation 6.0,
+rewrite 0.9). torch.export's capture, not ours, still dominates (925 s at depth 12).
 
 Before: the soft leaves' output rows, their owners and b2 were read with one probe row per
 hidden unit and per leaf (2 (C + 1) + L rows, each through the whole O(L) graph: quadratic in

@@ -19,8 +19,10 @@ anchored again. Nothing found: the model comes back as it was (not as a graph). 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import gc
 import os
 import time
 from typing import Optional
@@ -248,9 +250,30 @@ def rewrite_graph(work: nn.Module, inputs: tuple, example_kwargs: Optional[dict]
     return result
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector paused while one capture is analysed and rewritten: its full
+    collections scan every fx object alive, so they made matching grow faster than the graph (depth-12
+    unrolled form A, 49k nodes: 11.1 s -> 7.4 s, the rewrite's graph copy 4.4 s -> 0.9 s). Reference
+    counting still frees what is not cyclic; the rest is collected when it resumes."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _rewrite_captured(captured, inputs: tuple, example_kwargs: Optional[dict], report: Report,
                       min_leaf_agreement: Optional[float], seed: int, prefix: str = ""):
     """(rewritten GraphModule, hardened GraphModule, count) for one capture, or None when nothing is rewritten."""
+    with _gc_paused():
+        return _rewrite_captured_now(captured, inputs, example_kwargs, report, min_leaf_agreement, seed, prefix)
+
+
+def _rewrite_captured_now(captured, inputs: tuple, example_kwargs: Optional[dict], report: Report,
+                          min_leaf_agreement: Optional[float], seed: int, prefix: str):
     gm = captured.module
     try:
         facts, outcomes = analyse(gm, inputs, example_kwargs or {}, seed)
@@ -335,7 +358,7 @@ def _rewrite_submodules(work: nn.Module, inputs: tuple, example_kwargs: Optional
     from .record_inputs import record_calls
     modules = {name: m for name, m in work.named_modules() if name and not _builtin_leaf(m)}
     calls = record_calls(work, inputs, modules, example_kwargs)
-    replaced, skipped, failed = {}, [], 0
+    replaced = {}
     queue = [name for name, _ in work.named_children()]
     while queue:
         name = queue.pop(0)
@@ -349,8 +372,6 @@ def _rewrite_submodules(work: nn.Module, inputs: tuple, example_kwargs: Optional
             continue
         captured = capture(module, call.args[0], call.kwargs[0])
         if isinstance(captured, CaptureFailed) or not _batch_generic(captured):
-            if isinstance(captured, CaptureFailed):
-                failed += 1
             queue = children + queue
             continue
         done = _rewrite_captured(captured, call.args[0], call.kwargs[0], report, min_leaf_agreement, seed, prefix=name)
@@ -358,7 +379,7 @@ def _rewrite_submodules(work: nn.Module, inputs: tuple, example_kwargs: Optional
             replaced[name] = done
     if not replaced:
         report.notes.append(f"graph frontend: the model could not be captured ({reason})"
-                            + (f"; nor could any of its submodules with an FFF be rewritten" if modules else ""))
+                            + ("; nor could any of its submodules with an FFF be rewritten" if modules else ""))
         return work
     hardened = copy.deepcopy(work)
     for name, (result, hardened_gm, _) in replaced.items():
