@@ -50,7 +50,7 @@ from fffcompile.passes.graph_canonical import GraphFacts  # noqa: E402
 from fffcompile.passes.graph_capture import capture  # noqa: E402
 from fffcompile.passes.graph_confirm import GraphConfirmed  # noqa: E402
 from fffcompile.passes.graph_cutout import ConstantCache  # noqa: E402
-from fffcompile.passes.graph_frontend import _decide, _record  # noqa: E402
+from fffcompile.passes.graph_frontend import _decide, _gc_paused, _record  # noqa: E402
 from fffcompile.passes.graph_rewrite import rewrite  # noqa: E402
 
 
@@ -87,17 +87,18 @@ def main(argv=None):
         t0 = time.perf_counter()
         gm = _captured(layer, x, depth, args)
         t1 = time.perf_counter()
-        facts = GraphFacts(gm)
-        t2 = time.perf_counter()
-        cands = find_candidates(facts)
-        t3 = time.perf_counter()
-        values = _record(gm, (x,), {}, [c.x for c in cands])
-        outcomes = [_decide(facts, ConstantCache(facts), c, values.get(c.x), 0) for c in cands]
-        t4 = time.perf_counter()
-        confirmed = [(c, cut, y, o.spec, c.where) for c, cut, y, o in outcomes if isinstance(o, GraphConfirmed)]
-        if confirmed:
-            rewrite(gm, confirmed)
-        t5 = time.perf_counter()
+        with _gc_paused():     # as the frontend runs these stages
+            facts = GraphFacts(gm)
+            t2 = time.perf_counter()
+            cands = find_candidates(facts)
+            t3 = time.perf_counter()
+            values = _record(gm, (x,), {}, [c.x for c in cands])
+            outcomes = [_decide(facts, ConstantCache(facts), c, values.get(c.x), 0) for c in cands]
+            t4 = time.perf_counter()
+            confirmed = [(c, cut, y, o.spec, c.where) for c, cut, y, o in outcomes if isinstance(o, GraphConfirmed)]
+            if confirmed:
+                rewrite(gm, confirmed)
+            t5 = time.perf_counter()
         ok = bool(confirmed) and confirmed[0][3].same_as(spec.replace(source=confirmed[0][3].source), atol=2e-5, rtol=2e-4)
         print(f"{depth:>5} {len(facts.nodes):>7} {t1 - t0:>9.2f} {t2 - t1:>8.2f} {t3 - t2:>8.2f} {t4 - t3:>17.2f} "
               f"{t5 - t4:>9.2f} {t5 - t1:>13.2f}  {'exact spec' if ok else 'NOT FOUND'}")
