@@ -265,15 +265,10 @@ def _gc_paused():
             gc.enable()
 
 
+@_gc_paused()
 def _rewrite_captured(captured, inputs: tuple, example_kwargs: Optional[dict], report: Report,
                       min_leaf_agreement: Optional[float], seed: int, prefix: str = ""):
     """(rewritten GraphModule, hardened GraphModule, count) for one capture, or None when nothing is rewritten."""
-    with _gc_paused():
-        return _rewrite_captured_now(captured, inputs, example_kwargs, report, min_leaf_agreement, seed, prefix)
-
-
-def _rewrite_captured_now(captured, inputs: tuple, example_kwargs: Optional[dict], report: Report,
-                          min_leaf_agreement: Optional[float], seed: int, prefix: str):
     gm = captured.module
     try:
         facts, outcomes = analyse(gm, inputs, example_kwargs or {}, seed)
