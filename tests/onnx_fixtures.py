@@ -510,6 +510,49 @@ class GLU(nn.Module):
         return self.out(self.value(x) * torch.sigmoid(self.gate(x)))
 
 
+class TemperatureTree(nn.Module):
+    """A soft leaf tree whose routers have a temperature, p = s((x W + b) / T), written with a constant T or, ``learned``,
+    as s(k (x W + b)) with a scalar Parameter k (negative here: every decision mirrored). Hardened it decides on the
+    sign of the scaled logit, so its spec's routers are W / T, b / T (k W, k b)."""
+
+    def __init__(self, d, d_out, depth, width, scale, learned=False):
+        super().__init__()
+        self.fff = FFF(d, d_out, depth, width)
+        self.depth, self.learned = depth, learned
+        self.scale = nn.Parameter(torch.tensor(float(scale))) if learned else float(scale)
+
+    def forward(self, x):
+        fff, lead = self.fff, x.shape[:-1]
+        X = x.reshape(-1, x.shape[-1])
+        z = X @ fff.node_weight.T + fff.node_bias
+        p = torch.sigmoid(z * self.scale if self.learned else z / self.scale)
+        mu = torch.ones_like(z[:, :1])
+        for level in range(self.depth):
+            p_level = p[:, 2 ** level - 1: 2 ** (level + 1) - 1]
+            mu = torch.stack((mu * (1 - p_level), mu * p_level), -1).flatten(1)
+        h = torch.relu(torch.einsum("bd,ldh->blh", X, fff.leaf_w1) + fff.leaf_b1)
+        y = torch.einsum("bl,blo->bo", mu, torch.einsum("blh,lho->blo", h, fff.leaf_w2) + fff.leaf_b2)
+        return y.reshape(*lead, -1)
+
+    def true_spec(self) -> FFFSpec:
+        k = float(self.scale.detach()) if self.learned else 1.0 / self.scale
+        spec = _spec_fff(self.fff)
+        return spec.replace(node_weight=spec.node_weight * k, node_bias=spec.node_bias * k)
+
+
+class QuickGeluMLP(nn.Module):
+    """A dense MLP with QuickGELU, a s(1.702 a): a sigmoid of a scaled projection whose input is read with it (an
+    activation, no router; untouched)."""
+
+    def __init__(self, d, width=7):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, width), nn.Linear(width, d)
+
+    def forward(self, x):
+        a = self.up(x)
+        return self.down(a * torch.sigmoid(1.702 * a))
+
+
 def _spec_fff(m: FFF) -> FFFSpec:
     return FFFSpec(form="leaf_mlp", depth=m.depth, activation=m.activation, node_weight=m.node_weight.detach(),
                    node_bias=m.node_bias.detach(), leaf_w1=m.leaf_w1.detach(), leaf_b1=m.leaf_b1.detach(),
@@ -601,6 +644,10 @@ CASES: dict[str, Case] = {
     # sigmoid leaf activations: the leaf sigmoids are no routers (only the routers are hardened)
     "fff_sigmoid": Case(lambda: FFF(12, 7, 3, 5, activation="sigmoid"), (4, 12), 1, _spec_fff),
     "fff_master_sigmoid": Case(lambda: FFF(10, 6, 3, 4, activation="sigmoid", master_width=8), (4, 10), 1),
+    # router temperatures s(z / T), s(k z): a scalar scaling of the logit is read through
+    "temperature": Case(lambda: TemperatureTree(9, 5, 3, 4, 0.5), (4, 9), 1, lambda m: m.true_spec()),
+    "temperature_learned": Case(lambda: TemperatureTree(8, 6, 2, 3, -1.7, learned=True), (2, 3, 8), 1,
+                                lambda m: m.true_spec()),
     "log_sigmoid_leaf_major": Case(lambda: _gallery("LogSigmoid", depth=3, d_in=8, d_out=5, seed=3), (4, 8), 1,
                                    lambda m: m.true_spec),
     # look-alikes: nothing to rewrite
@@ -615,6 +662,7 @@ CASES: dict[str, Case] = {
     "sigmoid_leaves_swapped": Case(lambda: SigmoidLeafMixture(8, kind="swapped_children"), (4, 8), 0),
     "sigmoid_gated_leaves": Case(lambda: SigmoidLeafMixture(8, gated=True), (4, 8), 0),
     "softplus_mlp": Case(lambda: SoftplusMLP(8), (4, 8), 0),
+    "quick_gelu_mlp": Case(lambda: QuickGeluMLP(8), (4, 8), 0),
     "log_space_tree": Case(lambda: LogSpaceTree(8), (4, 8), 0),
     "gated_fff": Case(lambda: GatedFFF(6), (4, 6), 0),
     "glu": Case(lambda: GLU(8), (4, 8), 0),

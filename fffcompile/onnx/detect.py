@@ -1,7 +1,8 @@
 """Anchors of FFF candidates in an ONNX graph: the tree's decisions, grouped by the input they route.
 
 - Form A / C, soft: ``Sigmoid`` nodes whose input is a projection of some tensor X (a router
-  logit ``z = x W + b``, written per node, per level or for all nodes at once). All such
+  logit ``z = x W + b``, written per node, per level or for all nodes at once, maybe times or over a
+  constant scalar: a router temperature s(z / T), read as the logit z / T). All such
   sigmoids of one X form one candidate; they are ordered by column count, then graph order,
   which is heap order for every layout the exporters produce (one tensor of all nodes, one per
   level, one per node). A different order is not guessed at: confirmation rejects it.
@@ -44,7 +45,7 @@ import numpy as np
 
 from .contract import FLOAT_TYPES, is_fff_node
 from .graph_index import GraphIndex
-from .linear_chains import static_tensors, trace_source
+from .linear_chains import static_tensors, trace_source, unscaled
 
 COMPARISONS = {"Greater": ("gt", 1), "GreaterOrEqual": ("ge", 1), "Less": ("gt", 0), "LessOrEqual": ("ge", 0)}
 
@@ -85,14 +86,19 @@ def _read_elsewhere(index: GraphIndex, a: str) -> bool:
 
 
 def router_source(index: GraphIndex, i: int, static: set[str]) -> Optional[str]:
-    """The X that Sigmoid node ``i`` routes (its input is a projection of X), or None: a sigmoid of a constant
-    (form C's blend) or an activation such as SiLU (one op reads both the logit and its sigmoid)."""
+    """The X that Sigmoid node ``i`` routes (its input is a projection of X, maybe scaled by a constant scalar:
+    s(z / T) decides as z / T > 0, and the scaled logit is still affine in X), or None: a sigmoid of a constant
+    (form C's blend) or an activation such as SiLU or QuickGELU (one op reads both the logit, scaled or not,
+    and its sigmoid: a s(a), a s(1.702 a))."""
     node = index.nodes[i]
     if node.op_type != "Sigmoid" or node.input[0] in static:
         return None
-    if any(node.output[0] in r.input for r in index.consumer_nodes(node.input[0])):
-        return None
-    return trace_source(index, node.input[0], static)
+    logit = node.input[0]
+    plain = unscaled(index, logit, static)
+    for t in (logit, plain):
+        if t is not None and any(node.output[0] in r.input for r in index.consumer_nodes(t)):
+            return None
+    return trace_source(index, plain or logit, static)
 
 
 _LAYOUT = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Expand", "Cast")

@@ -38,7 +38,7 @@ from ..spec import FFFSpec
 from .activation_match import elementwise_closure, match_activation
 from .contract import torch_dtype
 from .graph_index import GraphIndex, evaluate, make_session
-from .linear_chains import chain_ends, projected_tensors, static_tensors
+from .linear_chains import chain_ends, projected_tensors, static_tensors, unscaled
 from .probes import columns, row_axes, rows_as, shaped, x_layout
 from .region import Region
 
@@ -86,6 +86,7 @@ def extract_leaf_tree(index: GraphIndex, region: Region, sigmoids: list[int],
     static = static_tensors(index)
     logits = logits or {}
     sigmoid_inputs = {index.nodes[i].input[0] for i in sigmoids}
+    sigmoid_inputs |= {unscaled(index, z, static) for z in sigmoid_inputs} - {None}     # s(z / T): z is no leaf
     firsts = {}
     for i in sigmoids:
         firsts.setdefault(logits.get(i, index.nodes[i].input[0]), i)

@@ -12,7 +12,8 @@ one Gemm per router node).
 
 Scaling by a constant (Mul, Div) is deliberately not part of a chain: an activation written as
 ops (GELU as ``0.5 a (1 + erf(a / sqrt 2))``) starts with such a scaling, and the chain must
-stop at its input ``a``.
+stop at its input ``a``. Only at the top of a router, where a sigmoid reads it, is a scaling by a constant
+scalar read through (``unscaled``: s(z / T), a router temperature; ``detect.router_source``).
 
 ``trace_source(index, name)``: the X a projected tensor comes from (None when it does not come
 from exactly one X through a chain). ``projected_tensors(index, x, node_ids)``: the projected
@@ -23,6 +24,8 @@ checked numerically by extraction.
 from __future__ import annotations
 
 from typing import Iterable, Optional
+
+import numpy as np
 
 from .graph_index import SHAPE_OPS, GraphIndex
 
@@ -120,3 +123,17 @@ def chain_ends(index: GraphIndex, projected: set[str], node_ids: set[int]) -> li
                 ends.append(t)
                 break
     return sorted(ends, key=lambda t: index.producer.get(t, -1))
+
+
+def unscaled(index: GraphIndex, z: str, static: set[str]) -> Optional[str]:
+    """t when ``z`` is t * c, c * t or t / c for a constant scalar c != 0 (a router temperature s(z / T)), else None."""
+    node = index.producer_node(z)
+    if node is None or node.op_type not in ("Mul", "Div") or len(node.input) != 2:
+        return None
+    positions = (0,) if node.op_type == "Div" else (0, 1)
+    for k in positions:
+        t, c = node.input[k], node.input[1 - k]
+        value = index.constant_value(c) if t not in static else None
+        if value is not None and value.size == 1 and float(np.asarray(value, dtype=np.float64).reshape(-1)[0]) != 0.0:
+            return t
+    return None
