@@ -50,6 +50,7 @@ from .linear_chains import chain_ends, projected_tensors, static_tensors
 from .mixture_guard import router_sigmoids, soft_routers_mixing
 from .node import fff_node
 from .region import Region, candidate_regions
+from .traced_rows import TracedIndex, traced_indexes
 from .widen import NARROW, float32_twin, has_narrow_floats
 
 
@@ -61,6 +62,7 @@ class Found:
     comparison: object
     sigmoids: list[str]         # names of the router sigmoids (hardened to verify); [] for form B
     complements: tuple[str, ...] = ()   # sigmoids of -z for a router logit z (log-sigmoid pairs): 1 - p when hard
+    traced: Optional[tuple[int, ...]] = None    # the leading dims the region only runs at (``traced_rows``)
 
     def ties(self) -> dict[str, str]:
         """{sigmoid name: tie rule} that hardens this FFF: [z >= 0] for a router, [-z > 0] = 1 - [z >= 0] for a complement."""
@@ -88,7 +90,21 @@ def _name_anchors(model: onnx.ModelProto) -> None:
 def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
                 previous: Optional[Found] = None) -> tuple[Optional[Found], list[str]]:
     """Extract and confirm; with ``previous`` (a confirmed region that ``region`` extends by layout ops
-    only) its spec is confirmed on the larger region without extracting again."""
+    only) its spec is confirmed on the larger region without extracting again. A region bound to the shape
+    it was traced with (``traced_rows``) is then tried at that shape, N traced rows at a time."""
+    found, reasons = _extract_and_confirm(index, candidate, region, previous)
+    if found is not None or previous is not None or isinstance(index, TracedIndex):
+        return found, reasons
+    for traced in traced_indexes(index, region):
+        found, _ = _extract_and_confirm(traced, candidate, region, None)
+        if found is not None:
+            found.traced = traced.lead
+            return found, []
+    return None, reasons
+
+
+def _extract_and_confirm(index: GraphIndex, candidate: Candidate, region: Region,
+                         previous: Optional[Found]) -> tuple[Optional[Found], list[str]]:
     reasons = []
     x_shape, y_shape = index.shape(region.x), index.shape(region.y)
     if x_shape is not None and y_shape is not None and len(x_shape) != len(y_shape):

@@ -123,7 +123,7 @@ def candidate_regions(index: GraphIndex, x: str, anchor_outputs: list[str],
                       other_uses: set[str] = frozenset()) -> Iterator[tuple[Region | None, str]]:
     """Closed regions whose output depends on every anchor (and, when given, on one of ``other_uses``: the leaves
     or the activation, so that a mixture of router outputs alone is no candidate), smallest first; a candidate
-    whose rank differs from x's is passed over."""
+    whose rank differs from x's, or whose shape is static where x's is not, is passed over."""
     forward = index.forward_from(x)
     # the unflattened input first: a rewrite from it also takes the flattening and restoring reshapes
     entries = [(a, None) for a in layout_ancestors(index, x)][::-1] + [(x, forward)]
@@ -134,6 +134,8 @@ def candidate_regions(index: GraphIndex, x: str, anchor_outputs: list[str],
     for name in other_uses:
         masks[name] = masks.get(name, 0) | other
     ranks = {len(s) for s in (index.shape(e) for e, _ in entries) if s is not None}
+    # a value of static shape cannot carry the rows of an input with symbolic dims (a row of an unrolled loop)
+    symbolic = any(not isinstance(d, int) for d in index.shape(x) or [1])
     tried = 0
     for i in sorted(forward):
         node = index.nodes[i]
@@ -147,6 +149,8 @@ def candidate_regions(index: GraphIndex, x: str, anchor_outputs: list[str],
             if masks[out] == full and out not in bits:
                 shape = index.shape(out)
                 if shape is not None and ranks and len(shape) not in ranks:
+                    continue
+                if shape is not None and symbolic and all(isinstance(d, int) for d in shape):
                     continue
                 tried += 1
                 if tried > MAX_CANDIDATE_OUTPUTS:
