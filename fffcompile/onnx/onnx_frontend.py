@@ -466,7 +466,7 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
         checks = [(f.spec, f.region.x) for f in found]
         try:
             result = verify_models(original, optimized, sigmoids=ties, inputs=inputs, tie_checks=checks, atol=atol,
-                                   rtol=rtol)
+                                   rtol=rtol, traced=_traced_dims(index, found))
         except InvalidModelError as error:
             if inputs is not None:
                 raise
@@ -476,11 +476,41 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
                     from error
             raise InvalidModelError(f"{error}; the check ran on generated inputs: pass real "
                                     f"inputs (--inputs data.npz) or skip the check (--no-verify)") from error
+        if inputs is None and not any(f.traced for f in found) and _off_default(original, result.inputs):
+            report.notes.append(f"the original does not run with its symbolic dims at 3: verified at input shapes "
+                                f"{result.inputs} (the rest of the model is bound to those sizes)")
         report.model_check = {f"exactness {k}": c for k, c in result.exactness.items()}
         report.model_check.update({f"fidelity {k}": c for k, c in (result.fidelity or {}).items()})
         if not result.passed:
             failed = "; ".join(f"output {k}: {c.summary()}" for k, c in result.exactness.items() if not c.passed)
             raise VerificationError(f"the rewritten model differs from the original with hardened decisions ({failed})",
                                     next(iter(result.exactness.values()), None))
+    for f in found:
+        if f.traced is not None:
+            how = ("verified there" if inputs is None else "verified on the given inputs") if verify else \
+                "its FFF was confirmed there (the whole-model check was skipped)"
+            shape = tuple(f.traced) + (f.spec.d_in,)
+            report.notes.append(f"the original runs only at its traced shape {shape} (at {f.region.x!r}): {how}; "
+                                f"the rewritten node is batch-generic")
     report.notes.append(f"ONNX frontend: {time.perf_counter() - start:.2f} s")
     return optimized, report
+
+
+def _off_default(model: onnx.ModelProto, shapes: Mapping[str, tuple]) -> bool:
+    """Whether a symbolic input dim took a size other than 3 in ``shapes`` (the verification's input shapes)."""
+    for value in model.graph.input:
+        for d, n in zip(value.type.tensor_type.shape.dim, shapes.get(value.name, ())):
+            if not d.HasField("dim_value") and n != 3:
+                return True
+    return False
+
+
+def _traced_dims(index: GraphIndex, found: list[Found]) -> list[dict[str, int]]:
+    """{symbolic dim: size} of the leading dims of each rewritten region bound to its traced shape (``traced_rows``),
+    the symbolic dims named as shape inference names them (a graph input's own names where X is one)."""
+    dims = {}
+    for f in found:
+        shape = index.shape(f.region.x) or []
+        if f.traced is not None and len(shape) == len(f.traced) + 1:
+            dims.update({d: n for d, n in zip(shape, f.traced) if isinstance(d, str)})
+    return [dims] if dims else []

@@ -19,7 +19,9 @@ are excluded from outputs with the same number of rows, and counted.
 
 Generated inputs: float inputs are standard normal, integer inputs 0 or 1 (token ids in range
 for any vocabulary), bool inputs random; a symbolic dim takes ``dim_size`` (default 3, other
-than the sizes exporters trace with). Pass real data as ``.npz`` where it matters.
+than the sizes exporters trace with), or, where the original does not run there, a size it does run at
+(``runnable_inputs``: the traced sizes of a rewritten region bound to them first). Pass real data as ``.npz``
+where it matters.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def session(model: ModelLike, threads: int = 0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4       # a run that fails raises, with its message (no log line besides)
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -122,24 +124,51 @@ def generate_inputs(model: ModelLike, seed: int = 0, dim_size: int = 3,
 DIM_SIZES = (3, 1, 2, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32, 48, 64, 128)
 
 
-def runnable_inputs(model: ModelLike, seed: int = 0) -> dict[str, np.ndarray]:
-    """Generated inputs the original runs on: symbolic dims at 3, else at the first size of ``DIM_SIZES`` that
-    ONNX Runtime accepts; raises the error of the size-3 try when none does."""
+def runnable_inputs(model: ModelLike, seed: int = 0, traced: Sequence[Mapping[str, int]] = ()) -> dict[str, np.ndarray]:
+    """Generated inputs the original runs on: symbolic dims at ``traced`` (the sizes a rewritten region was bound to
+    by its export, tried first: the original is right at no other), else at 3, else at the first size of
+    ``DIM_SIZES`` that ONNX Runtime accepts, else at sizes read off the model's constants (``traced_dims``);
+    raises the error of the size-3 try when none does."""
     model = _proto(model)
     if not any(d.dim_param or not d.HasField("dim_value") for v in model.graph.input
                for d in v.type.tensor_type.shape.dim):
         return generate_inputs(model, seed=seed)
     first_error = None
     run_original = runner(model)
-    for size in DIM_SIZES:
-        feeds = generate_inputs(model, seed=seed, dim_size=size)
+    tries = [(3, dims) for dims in traced] + [(size, None) for size in DIM_SIZES]
+    for size, dims in tries + [(3, dims) for dims in traced_dims(model)]:
+        feeds = generate_inputs(model, seed=seed, dim_size=size, dims=dims)
         try:
             run_original(feeds)
             return feeds
         except InvalidModelError as error:
             first_error = first_error or error
     raise InvalidModelError(f"{first_error}; the original itself runs with no common size of its symbolic dims "
-                            f"in {DIM_SIZES[0]}..{DIM_SIZES[-1]}") from first_error
+                            f"in {DIM_SIZES[0]}..{DIM_SIZES[-1]}, nor at sizes read off its constants") from first_error
+
+
+def traced_dims(model: onnx.ModelProto, limit: int = 16) -> list[dict[str, int]]:
+    """Sizes of the symbolic input dims a legacy export may have baked into constants (an attention reshape's
+    ``[5, 6, 4]``): the leading values of small 1-D integer constants, taken by the symbolic dims in order."""
+    names = list(dict.fromkeys(d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim
+                               if d.dim_param))
+    if not names:
+        return []
+    values = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT64 and len(t.dims) == 1]
+    values += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+               if a.name == "value" and a.t.data_type == onnx.TensorProto.INT64 and len(a.t.dims) == 1]
+    out = []
+    for tensor in values:
+        if tensor.dims[0] > 8 or tensor.dims[0] < len(names):
+            continue
+        lead = [int(v) for v in onnx.numpy_helper.to_array(tensor)[:len(names)]]
+        if all(v >= 1 for v in lead) and lead != [1] * len(names):
+            candidate = dict(zip(names, lead))
+            if candidate not in out:
+                out.append(candidate)
+        if len(out) >= limit:
+            break
+    return out
 
 
 def load_inputs(npz_path: str, model: ModelLike) -> dict[str, np.ndarray]:
@@ -263,11 +292,12 @@ def compare_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarra
 def verify_models(original: ModelLike, optimized: ModelLike, *, sigmoids: Union[Sequence[str], Mapping[str, str]] = (),
                   tie: str = "ge", inputs: Union[None, str, Mapping[str, np.ndarray]] = None,
                   tie_checks: Sequence[tuple[FFFSpec, str]] = (), seed: int = 0, atol: Optional[float] = None,
-                  rtol: Optional[float] = None) -> ModelVerification:
-    """Exactness (and fidelity, for soft originals) of ``optimized`` against ``original``; see the module doc."""
+                  rtol: Optional[float] = None, traced: Sequence[Mapping[str, int]] = ()) -> ModelVerification:
+    """Exactness (and fidelity, for soft originals) of ``optimized`` against ``original``; see the module doc.
+    ``traced``: sizes of symbolic dims the original is bound to (generated inputs take them first)."""
     original_proto = _proto(original)
     if inputs is None:
-        feeds = runnable_inputs(original_proto, seed=seed)
+        feeds = runnable_inputs(original_proto, seed=seed, traced=traced)
     elif isinstance(inputs, (str, os.PathLike)):
         feeds = load_inputs(os.fspath(inputs), original_proto)
     else:
