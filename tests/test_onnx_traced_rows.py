@@ -121,6 +121,22 @@ def test_fastfeedforward_trt_target_and_inspect(tmp_path, capsys):
     close(run(str(out), {"x": x})["y"], per_row(module, torch.from_numpy(x)))
 
 
+def test_fastfeedforward_inside_a_model(tmp_path, capsys):
+    """The bound region reads a LayerNorm's output: the whole model is verified where that value has the traced rows."""
+    layer = fastfeedforward(16, 4, 16, 3, seed=1)
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), layer, nn.GELU(), nn.Linear(16, 5)).eval()
+    src = export_legacy(model, torch.randn(2, 3, 16), tmp_path / "model.onnx")
+    out = tmp_path / "out.onnx"
+    code, stdout, err = cli(capsys, "export", src, "-o", out)
+    assert code == 0, err
+    assert len(fff_nodes(out)) == 1 and TRACED_NOTE in stdout and "exactness y: PASS" in stdout
+    x = np.random.default_rng(0).standard_normal((4, 5, 16)).astype(np.float32)
+    with torch.no_grad():
+        h = model[1](model[0](torch.from_numpy(x)))
+        want = model[4](model[3](torch.from_numpy(per_row(layer, h)).float())).double().numpy()
+    close(run(str(out), {"x": x})["y"], want)
+
+
 @settings(max_examples=3, deadline=None)
 @hypothesis_seed(20261124)
 @given(depth=st.integers(2, 3), lead=st.sampled_from([(2,), (5,), (1, 3), (2, 2), (3, 2)]), seed=st.integers(0, 99))

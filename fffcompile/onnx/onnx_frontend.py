@@ -25,6 +25,7 @@ next to s(z) (log-sigmoid pairs of a log-space mixture) is hardened as 1 - [z >=
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -466,7 +467,8 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
         checks = [(f.spec, f.region.x) for f in found]
         try:
             result = verify_models(original, optimized, sigmoids=ties, inputs=inputs, tie_checks=checks, atol=atol,
-                                   rtol=rtol, traced=_traced_dims(index, found))
+                                   rtol=rtol, traced=_traced_dims(index, found),
+                                   bound_rows={f.region.x: math.prod(f.traced) for f in found if f.traced})
         except InvalidModelError as error:
             if inputs is not None:
                 raise

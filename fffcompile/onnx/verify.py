@@ -20,7 +20,7 @@ are excluded from outputs with the same number of rows, and counted.
 Generated inputs: float inputs are standard normal, integer inputs 0 or 1 (token ids in range
 for any vocabulary), bool inputs random; a symbolic dim takes ``dim_size`` (default 3, other
 than the sizes exporters trace with), or, where the original does not run there, a size it does run at
-(``runnable_inputs``: the traced sizes of a rewritten region bound to them first). Pass real data as ``.npz``
+(``runnable_inputs``: only sizes at which a rewritten region bound to its traced rows gets them). Pass real data as ``.npz``
 where it matters.
 """
 from __future__ import annotations
@@ -124,27 +124,53 @@ def generate_inputs(model: ModelLike, seed: int = 0, dim_size: int = 3,
 DIM_SIZES = (3, 1, 2, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32, 48, 64, 128)
 
 
-def runnable_inputs(model: ModelLike, seed: int = 0, traced: Sequence[Mapping[str, int]] = ()) -> dict[str, np.ndarray]:
-    """Generated inputs the original runs on: symbolic dims at ``traced`` (the sizes a rewritten region was bound to
-    by its export, tried first: the original is right at no other), else at 3, else at the first size of
-    ``DIM_SIZES`` that ONNX Runtime accepts, else at sizes read off the model's constants (``traced_dims``);
-    raises the error of the size-3 try when none does."""
+def runnable_inputs(model: ModelLike, seed: int = 0, traced: Sequence[Mapping[str, int]] = (),
+                    bound_rows: Optional[Mapping[str, int]] = None) -> dict[str, np.ndarray]:
+    """Generated inputs the original runs on: symbolic dims at 3, else at the first size of ``DIM_SIZES`` that
+    ONNX Runtime accepts, else at sizes read off the model's constants (``traced_dims``); raises the error of the
+    size-3 try when none does.
+
+    ``bound_rows``: {value inside the model: the rows it is bound to} for rewritten regions that run (or are
+    right) only at their traced shape: then only inputs at which every such value has those rows are taken,
+    tried first at ``traced`` ({symbolic dim: size}) and at the symbolic dims' sizes whose product is the rows."""
     model = _proto(model)
     if not any(d.dim_param or not d.HasField("dim_value") for v in model.graph.input
                for d in v.type.tensor_type.shape.dim):
         return generate_inputs(model, seed=seed)
     first_error = None
-    run_original = runner(model)
-    tries = [(3, dims) for dims in traced] + [(size, None) for size in DIM_SIZES]
-    for size, dims in tries + [(3, dims) for dims in traced_dims(model)]:
+    bound = dict(bound_rows or {})
+    run_original = runner(model, extra_outputs=list(bound))
+    tries = [(3, dims) for dims in [*traced, *_dims_with_rows(model, bound)]] if bound else []
+    tries += [(size, None) for size in DIM_SIZES] + [(3, dims) for dims in traced_dims(model)]
+    for size, dims in tries:
         feeds = generate_inputs(model, seed=seed, dim_size=size, dims=dims)
         try:
-            run_original(feeds)
-            return feeds
+            values = run_original(feeds)
         except InvalidModelError as error:
             first_error = first_error or error
+            continue
+        if all(np.size(values[name]) // max(1, np.shape(values[name])[-1]) == rows for name, rows in bound.items()):
+            return feeds
+    if bound:
+        raise InvalidModelError(f"the original runs only at its traced shape ({bound} rows) and no generated input "
+                                f"reaches it; pass inputs of that shape (--inputs data.npz) or skip the whole-model "
+                                f"check (--no-verify)")
     raise InvalidModelError(f"{first_error}; the original itself runs with no common size of its symbolic dims "
                             f"in {DIM_SIZES[0]}..{DIM_SIZES[-1]}, nor at sizes read off its constants") from first_error
+
+
+def _dims_with_rows(model: onnx.ModelProto, bound: Mapping[str, int]) -> list[dict[str, int]]:
+    """Sizes of the (first three) symbolic input dims whose product is the bound row count, every divisor split."""
+    names = list(dict.fromkeys(d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim
+                               if d.dim_param))[:3]
+    rows = next(iter(bound.values()), None)
+    if not names or rows is None:
+        return []
+    splits = [[rows]]
+    for _ in names[1:]:
+        splits = [s[:-1] + [a, s[-1] // a] for s in splits for a in range(1, s[-1] + 1) if s[-1] % a == 0]
+    splits.sort(key=lambda s: -min(s))          # the most even split first (a traced batch and sequence)
+    return [dict(zip(names, s)) for s in splits[:32]]
 
 
 def traced_dims(model: onnx.ModelProto, limit: int = 16) -> list[dict[str, int]]:
@@ -292,12 +318,13 @@ def compare_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarra
 def verify_models(original: ModelLike, optimized: ModelLike, *, sigmoids: Union[Sequence[str], Mapping[str, str]] = (),
                   tie: str = "ge", inputs: Union[None, str, Mapping[str, np.ndarray]] = None,
                   tie_checks: Sequence[tuple[FFFSpec, str]] = (), seed: int = 0, atol: Optional[float] = None,
-                  rtol: Optional[float] = None, traced: Sequence[Mapping[str, int]] = ()) -> ModelVerification:
+                  rtol: Optional[float] = None, traced: Sequence[Mapping[str, int]] = (),
+                  bound_rows: Optional[Mapping[str, int]] = None) -> ModelVerification:
     """Exactness (and fidelity, for soft originals) of ``optimized`` against ``original``; see the module doc.
-    ``traced``: sizes of symbolic dims the original is bound to (generated inputs take them first)."""
+    ``traced``, ``bound_rows``: what the original is bound to (``runnable_inputs``), for generated inputs."""
     original_proto = _proto(original)
     if inputs is None:
-        feeds = runnable_inputs(original_proto, seed=seed, traced=traced)
+        feeds = runnable_inputs(original_proto, seed=seed, traced=traced, bound_rows=bound_rows)
     elif isinstance(inputs, (str, os.PathLike)):
         feeds = load_inputs(os.fspath(inputs), original_proto)
     else:
