@@ -107,7 +107,7 @@ def test_fastfeedforward_eval_export_generalised(tmp_path, capsys, traced, other
         assert original_fails_or_differs(src, x, want)      # the file itself was bound to its traced rows
 
 
-def test_fastfeedforward_trt_target_and_inspect(tmp_path, capsys):
+def test_fastfeedforward_trt_target_inspect_and_verify(tmp_path, capsys):
     module = fastfeedforward(12, 3, 5, 2, seed=3)
     src = export_legacy(module, torch.randn(2, 4, 12), tmp_path / "fff.onnx")
     code, stdout, err = cli(capsys, "inspect", src)
@@ -119,6 +119,8 @@ def test_fastfeedforward_trt_target_and_inspect(tmp_path, capsys):
     assert len(nodes) == 1 and attribute(nodes[0], "plugin_namespace") is not None
     x = np.random.default_rng(1).standard_normal((5, 3, 12)).astype(np.float32)
     close(run(str(out), {"x": x})["y"], per_row(module, torch.from_numpy(x)))
+    code, stdout, err = cli(capsys, "verify", src, out)          # the verify subcommand finds the traced shape too
+    assert code == 0 and "PASS" in stdout and TRACED_NOTE in stdout, stdout + err
 
 
 def test_fastfeedforward_inside_a_model(tmp_path, capsys):

@@ -387,14 +387,27 @@ def _inputs(node: onnx.NodeProto):
 def hardening_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str], list]:
     """For verifying a rewrite of ``model``: (a copy of model with its anchors named, {router sigmoid: tie},
     [(spec, input value)] for the near-tie checks) of every FFF the frontend confirms in it."""
+    return verification_of(model)[:3]
+
+
+def verification_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str], list, dict, list[str]]:
+    """``hardening_of``, then what generated inputs need where an FFF is bound to its traced rows
+    (``verify_models``' ``traced`` and ``bound_rows``), and the report's lines about it."""
     working = onnx.ModelProto()
     working.CopyFrom(model)
     working = _respell_softplus_routers(working)      # (router softplus read as log-sigmoids: hardenable)
     _name_anchors(working)
     index = GraphIndex(working)
     found, _ = find_in_model(working, index)
+    bounds = {"traced": _traced_dims(index, found),
+              "bound_rows": {f.region.x: math.prod(f.traced) for f in found if f.traced}}
     return (working, {name: tie for f in found for name, tie in f.ties().items()},
-            [(f.spec, f.region.x) for f in found])
+            [(f.spec, f.region.x) for f in found], bounds, _traced_notes(found, "verified there"))
+
+
+def _traced_notes(found: list[Found], how: str) -> list[str]:
+    return [f"the original runs only at its traced shape {tuple(f.traced) + (f.spec.d_in,)} (at {f.region.x!r}): "
+            f"{how}; the rewritten node is batch-generic" for f in found if f.traced is not None]
 
 
 def _respell_softplus_routers(model: onnx.ModelProto, progress=None) -> onnx.ModelProto:
@@ -487,13 +500,8 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
             failed = "; ".join(f"output {k}: {c.summary()}" for k, c in result.exactness.items() if not c.passed)
             raise VerificationError(f"the rewritten model differs from the original with hardened decisions ({failed})",
                                     next(iter(result.exactness.values()), None))
-    for f in found:
-        if f.traced is not None:
-            how = ("verified there" if inputs is None else "verified on the given inputs") if verify else \
-                "its FFF was confirmed there (the whole-model check was skipped)"
-            shape = tuple(f.traced) + (f.spec.d_in,)
-            report.notes.append(f"the original runs only at its traced shape {shape} (at {f.region.x!r}): {how}; "
-                                f"the rewritten node is batch-generic")
+    report.notes += _traced_notes(found, ("verified there" if inputs is None else "verified on the given inputs")
+                                  if verify else "its FFF was confirmed there (the whole-model check was skipped)")
     report.notes.append(f"ONNX frontend: {time.perf_counter() - start:.2f} s")
     return optimized, report
 

@@ -95,6 +95,22 @@ def is_baked(index: GraphIndex, region: Region) -> Optional[object]:
     return session if _repeats(session, index, region, lead, d_in, seed=3) is not True else None
 
 
+def _constant(index: GraphIndex, name: str) -> tuple[Optional[tuple[int, ...]], Optional[np.ndarray]]:
+    """(shape, value) of an initializer or a Constant node's output (the value only when it is small and integer),
+    the shape of a ConstantOfShape of such a constant; (None, None) for other computed constants (not evaluated)."""
+    tensor = index.initializers.get(name)
+    producer = index.producer_node(name)
+    if tensor is None and producer is not None and producer.op_type == "ConstantOfShape":
+        _, shape = _constant(index, producer.input[0])
+        return (None, None) if shape is None else (tuple(int(d) for d in shape), None)
+    if tensor is None and producer is not None and producer.op_type == "Constant":
+        tensor = next((a.t for a in producer.attribute if a.name == "value"), None)
+    if tensor is None:
+        return None, None
+    small = tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and math.prod(tensor.dims) <= 64
+    return tuple(tensor.dims), onnx.numpy_helper.to_array(tensor) if small else None
+
+
 def traced_leads(index: GraphIndex, region: Region, session=None) -> list[tuple[int, ...]]:
     """The leading shapes the region may have been traced with (module doc, step 2), most specific first."""
     rank, d_in = x_layout(index.shape(region.x))
@@ -105,19 +121,13 @@ def traced_leads(index: GraphIndex, region: Region, session=None) -> list[tuple[
         for k, name in enumerate(index.inputs_of[i]):
             if not name or name not in index.constant:
                 continue
-            if name in index.initializers:
-                shape = tuple(index.initializers[name].dims)
-                value = None
-            else:
-                value = index.constant_value(name)
-                if value is None:
-                    continue
-                shape = tuple(np.shape(value))
+            shape, value = _constant(index, name)
+            if shape is None:
+                continue
             if len(shape) >= width:
                 leads.append(shape[:width])
-            if value is None or np.asarray(value).dtype.kind not in "iu" or np.size(value) > 64:
+            if value is None:
                 continue
-            value = np.asarray(value)
             if value.ndim == 1 and value.size >= width:
                 leads.append(tuple(int(v) for v in value[:width]))
             if k == 1 and node.op_type in ROW_INDEX_OPS and value.size and value.max() >= 0:
