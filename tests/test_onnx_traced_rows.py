@@ -2,7 +2,8 @@
 
 fastfeedforward's eval forward descends batched, then loops over the rows in Python for the leaves: the
 legacy exporter unrolls that loop over the traced rows. A scatter tree's ``zeros_like`` becomes a constant of
-the traced shape. Such files run (or are right) only at the traced shape; the CLI rewrites the region to one
+the traced shape, and so does a soft tree's ``new_ones`` of the input's leading dims read as Python ints.
+Such files run (or are right) only at the traced shape; the CLI rewrites the region to one
 batch-generic fffcompile node, verifies the original at its traced shape only and says so. Every file here is
 checked at sizes other than the traced ones against a per-row reference computed in torch from the module's
 own parameters, and the original is shown to be wrong or failing there. A baked look-alike (swapped children,
@@ -211,6 +212,60 @@ def test_scatter_tree_with_a_baked_zeros_like(tmp_path, capsys, dtype):
         with torch.no_grad():
             want = torch.stack([module.hard_row(r) for r in x.reshape(-1, 10)]).reshape(*shape[:-1], -1).numpy()
         close(run(str(out), {"x": x.numpy()})["y"], want, rtol=1e-4 if dtype == torch.float32 else 2e-3)
+
+
+# ---------------------------------------------------------------- a soft tree whose path products start from a baked constant
+
+class SoftTreeBakedOnes(nn.Module):
+    """Soft form A: mu starts as ones of the input's leading dims read as Python ints (a constant of the traced
+    shape in a legacy export), then level by level outer products with [1 - p, p]; silu leaves by einsum."""
+
+    def __init__(self, d, o, depth, width):
+        super().__init__()
+        nodes, leaves = 2 ** depth - 1, 2 ** depth
+        self.depth = depth
+        self.router = nn.Linear(d, nodes)
+        self.w1 = nn.Parameter(torch.randn(leaves, d, width) / d ** 0.5)
+        self.b1 = nn.Parameter(torch.randn(leaves, width) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(leaves, width, o) / width ** 0.5)
+        self.b2 = nn.Parameter(torch.randn(leaves, o) * 0.1)
+
+    def forward(self, x):
+        p = torch.sigmoid(self.router(x))
+        mu = x.new_ones([int(v) for v in x.shape[:-1]] + [1])
+        for k in range(self.depth):
+            level = p[..., 2 ** k - 1:2 ** (k + 1) - 1]
+            mu = (mu.unsqueeze(-1) * torch.stack([1 - level, level], -1)).flatten(-2)
+        h = F.silu(torch.einsum("...d,ldh->...lh", x, self.w1) + self.b1)
+        return (mu.unsqueeze(-1) * (torch.einsum("...lh,lho->...lo", h, self.w2) + self.b2)).sum(-2)
+
+    def hard_row(self, x):
+        """One row, in float64: the descent [z >= 0] through the router, the reached leaf's MLP."""
+        z = self.router.weight.double() @ x.double() + self.router.bias.double()
+        n = 0
+        for _ in range(self.depth):
+            n = 2 * n + (2 if z[n] >= 0 else 1)
+        j = n - (2 ** self.depth - 1)
+        h = F.silu(x.double() @ self.w1[j].double() + self.b1[j].double())
+        return h @ self.w2[j].double() + self.b2[j].double()
+
+
+def test_soft_tree_with_a_baked_constant(tmp_path, capsys):
+    torch.manual_seed(9)
+    module = SoftTreeBakedOnes(8, 5, 3, 4).train()
+    src = export_legacy(module, torch.randn(2, 3, 8), tmp_path / "soft.onnx")
+    with pytest.raises(Exception, match="failed to run"):
+        run(src, {"x": np.zeros((3, 7, 8), np.float32)})
+    out = tmp_path / "out.onnx"
+    code, stdout, err = cli(capsys, "export", src, "-o", out)
+    assert code == 0, err
+    assert len(fff_nodes(out)) == 1 and f"{TRACED_NOTE} (2, 3, 8)" in stdout and "exactness y: PASS" in stdout
+    rng = np.random.default_rng(4)
+    for shape in [(1, 1, 8), (3, 7, 8)]:
+        x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+        with torch.no_grad():
+            want = torch.stack([module.hard_row(r) for r in x.reshape(-1, 8)]).reshape(*shape[:-1], -1).numpy()
+        close(run(str(out), {"x": x.numpy()})["y"], want)
 
 
 # ---------------------------------------------------------------- look-alikes, baked the same way: left unchanged

@@ -21,8 +21,12 @@ replaces it is batch-generic: the rewrite generalises the file.
    probe rows is fed N rows at a time at the traced shape (the last chunk padded with the
    first rows, cyclically), every cut input (X, the decisions and activations extractors feed)
    split by its rows and laid out as that value is at the traced shape, every output read
-   back as rows. The extractors and ``confirm`` run unchanged on it, so the spec is read and
-   confirmed on independent random rows of every chunk, all of them at the traced shape.
+   back as rows. The extractors and ``confirm`` run unchanged on it (a soft tree's sigmoids are
+   hardened in the chunked cut-out, ``Chunked.hardened``), so the spec is read and confirmed on
+   independent random rows of every chunk, all of them at the traced shape.
+
+Such a region's output often has a static inferred shape (a baked constant broadcast into it):
+``region.candidate_regions`` tries static-shaped outputs after the others, not never.
 
 Must not fire on a batch-generic region (step 1), nor on one whose values do not keep the rows
 apart at the traced shape (its cut-outs refuse to chunk); a look-alike still faces extraction and
@@ -166,6 +170,11 @@ class Chunked:
         self.model = model
         self.traced = traced
         self._session = None
+
+    def hardened(self, sigmoids, tie: str) -> "Chunked":
+        """The same cut-out with the named sigmoids hardened (``harden.harden_sigmoids``), run the same way."""
+        from .harden import harden_sigmoids
+        return Chunked(harden_sigmoids(self.model, sigmoids, tie=tie), self.traced)
 
     def run(self, outputs, feeds):
         t = self.traced
