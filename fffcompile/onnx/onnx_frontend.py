@@ -8,7 +8,9 @@
 2. ``region``: the closed subgraph X -> Y around each candidate, smallest first;
 3. ``extract_leaf_tree`` / ``extract_neuron_tree`` / the hard extractors: the FFFSpec, weights read
    back by numbers (or, for gathered tables, read by structure and kept only where the numbers agree);
-4. ``confirm``: the cut-out region (sigmoids hardened) against ``reference.hard`` on probes;
+4. ``confirm``: the cut-out region (sigmoids hardened) against ``reference.hard`` on probes; a region that the
+   legacy exporter bound to its traced rows (an unrolled row loop, a constant of the traced shape) is read and
+   confirmed at that shape, N traced rows at a time (``traced_rows``), and its rewrite is batch-generic;
 5. rewrite: the region's nodes that depend on X are removed (and the constants only they read),
    one ``fff_node(spec, X, Y)`` takes their place with Y's name, so every consumer and the rest
    of the graph are untouched; ``insert_fff_nodes`` adds the functions, imports and IR version.
@@ -16,7 +18,8 @@
    blend s(k) stay as they are.
 6. with ``verify``: the whole rewritten model against the original with the rewritten FFFs'
    sigmoids hardened (exactness) and against the soft original (fidelity), in ONNX Runtime on
-   generated inputs or the user's; a failure raises ``VerificationError``.
+   generated inputs or the user's; a failure raises ``VerificationError``. Where a rewritten region was bound to
+   its traced rows, generated inputs give it those rows (the original is right nowhere else), and the report says so.
 
 Every candidate not rewritten is reported with its reason (``Report.left``), and so is a hard descent
 that gathers node weight rows before its dot product (``detect.row_gather_descents``). A float16 /
@@ -399,10 +402,8 @@ def verification_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
     _name_anchors(working)
     index = GraphIndex(working)
     found, _ = find_in_model(working, index)
-    bounds = {"traced": _traced_dims(index, found),
-              "bound_rows": {f.region.x: math.prod(f.traced) for f in found if f.traced}}
     return (working, {name: tie for f in found for name, tie in f.ties().items()},
-            [(f.spec, f.region.x) for f in found], bounds, _traced_notes(found, "verified there"))
+            [(f.spec, f.region.x) for f in found], _bounds(index, found), _traced_notes(found, "verified there"))
 
 
 def _traced_notes(found: list[Found], how: str) -> list[str]:
@@ -480,8 +481,7 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
         checks = [(f.spec, f.region.x) for f in found]
         try:
             result = verify_models(original, optimized, sigmoids=ties, inputs=inputs, tie_checks=checks, atol=atol,
-                                   rtol=rtol, traced=_traced_dims(index, found),
-                                   bound_rows={f.region.x: math.prod(f.traced) for f in found if f.traced})
+                                   rtol=rtol, **_bounds(index, found))
         except InvalidModelError as error:
             if inputs is not None:
                 raise
@@ -515,12 +515,13 @@ def _off_default(model: onnx.ModelProto, shapes: Mapping[str, tuple]) -> bool:
     return False
 
 
-def _traced_dims(index: GraphIndex, found: list[Found]) -> list[dict[str, int]]:
-    """{symbolic dim: size} of the leading dims of each rewritten region bound to its traced shape (``traced_rows``),
-    the symbolic dims named as shape inference names them (a graph input's own names where X is one)."""
+def _bounds(index: GraphIndex, found: list[Found]) -> dict:
+    """``verify_models``' ``traced`` and ``bound_rows`` for the rewritten regions bound to their traced shape
+    (``traced_rows``): {symbolic dim: size} of their inputs' leading dims, as shape inference names the dims (a graph
+    input's own names where X is one), and {their input: its traced rows}."""
     dims = {}
     for f in found:
         shape = index.shape(f.region.x) or []
         if f.traced is not None and len(shape) == len(f.traced) + 1:
             dims.update({d: n for d, n in zip(shape, f.traced) if isinstance(d, str)})
-    return [dims] if dims else []
+    return {"traced": [dims] if dims else [], "bound_rows": {f.region.x: math.prod(f.traced) for f in found if f.traced}}
