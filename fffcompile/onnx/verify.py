@@ -20,7 +20,8 @@ are excluded from outputs with the same number of rows, and counted.
 Generated inputs: float inputs are standard normal, integer inputs 0 or 1 (token ids in range
 for any vocabulary), bool inputs random; a symbolic dim takes ``dim_size`` (default 3, other
 than the sizes exporters trace with), or, where the original does not run there, a size it does run at
-(``runnable_inputs``: only sizes at which a rewritten region bound to its traced rows gets them). Pass real data as ``.npz``
+(``runnable_inputs``: only sizes at which a rewritten region bound to its traced rows gets them; then
+``TRACED_SAMPLES`` independent samples at that shape are compared together). Pass real data as ``.npz``
 where it matters.
 """
 from __future__ import annotations
@@ -329,12 +330,18 @@ def verify_models(original: ModelLike, optimized: ModelLike, *, sigmoids: Union[
         feeds = load_inputs(os.fspath(inputs), original_proto)
     else:
         feeds = dict(inputs)
-    actual = run(optimized, feeds)
     hardened = harden_sigmoids(original_proto, sigmoids, tie=tie) if sigmoids else original
     extra = [name for _, name in tie_checks]
-    values = run(hardened, feeds, extra_outputs=extra)
-    exclude = _near_tie_rows(values, tie_checks) if tie_checks else None
     outputs = {o.name for o in original_proto.graph.output}
+    samples = [feeds]
+    if inputs is None and bound_rows:       # one traced shape: more rows from independent samples at that shape
+        samples += [_resample(feeds, seed + k) for k in range(1, TRACED_SAMPLES)]
+    runs = [(run(optimized, f), run(hardened, f, extra_outputs=extra)) for f in samples]
+    actual, values = _stacked([a for a, _ in runs]), _stacked([v for _, v in runs])
+    exclude = None
+    if tie_checks:
+        masks = [_near_tie_rows(v, tie_checks) for _, v in runs]
+        exclude = None if any(m is None for m in masks) else np.concatenate(masks)
     dtypes = {o.name: torch_dtype(o.type.tensor_type.elem_type) for o in original_proto.graph.output
               if o.type.tensor_type.elem_type in FLOAT_TYPES}
     narrow = [d for d in (torch.bfloat16, torch.float16) if any(spec.dtype == d for spec, _ in tie_checks)]
@@ -344,6 +351,24 @@ def verify_models(original: ModelLike, optimized: ModelLike, *, sigmoids: Union[
     exact = compare_outputs(expected, actual, atol, rtol, exclude, dtypes)
     fidelity = None
     if sigmoids:
-        soft = {k: v for k, v in run(original, feeds).items() if k in outputs}
+        soft = {k: v for k, v in _stacked([run(original, f) for f in samples]).items() if k in outputs}
         fidelity = compare_outputs(soft, actual, atol, rtol, dtypes=dtypes)
     return ModelVerification(exact, fidelity, {k: tuple(v.shape) for k, v in feeds.items()})
+
+
+# Independent generated samples compared where the original runs only at one traced shape (few rows each).
+TRACED_SAMPLES = 4
+
+
+def _resample(feeds: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """New standard normal values for the float inputs, at the same shapes; other inputs as they are."""
+    rng = np.random.default_rng(seed + 7919)
+    return {k: rng.standard_normal(v.shape).astype(v.dtype) if np.asarray(v).dtype.kind == "f" else v
+            for k, v in feeds.items()}
+
+
+def _stacked(results: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each output's values of several samples, concatenated along the first axis (one sample: as is)."""
+    if len(results) == 1:
+        return dict(results[0])
+    return {k: np.concatenate([np.atleast_1d(r[k]) for r in results]) for k in results[0]}
