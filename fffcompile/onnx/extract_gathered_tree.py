@@ -126,7 +126,7 @@ def extract_gathered_tree(index: GraphIndex, region: Region, tie: str, compariso
                     found = _matches(spec, x, want, output_bias=False)
                     if found is not None:
                         yield found
-            for w1, b1, w2, b2 in leaf_hypotheses([t for t in rest if t.shape[0] == n + 1], d_in):
+            for w1, b1, w2, b2 in leaf_hypotheses([t for t in rest if t.shape[0] == n + 1], d_in, zero_b2=True):
                 spec = FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(W),
                                node_bias=to(bias), leaf_w1=to(w1), leaf_b1=to(b1),
                                leaf_w2=None if w2 is None else to(w2), leaf_b2=None if b2 is None else to(b2),
