@@ -23,16 +23,18 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..onnx.files import load_model
-    from ..onnx.onnx_frontend import hardening_of
+    from ..onnx.onnx_frontend import verification_of
     from ..onnx.verify import verify_models
 
     original = load_model(args.original)
     optimized = load_model(args.optimized)
     print("fffcompile verify: finding the FFFs of the original", file=sys.stderr, flush=True)
-    named, sigmoids, tie_checks = hardening_of(original)
+    named, sigmoids, tie_checks, bounds, notes = verification_of(original)
     result = verify_models(named, optimized, sigmoids=sigmoids, inputs=args.inputs, tie_checks=tie_checks,
-                           atol=args.atol, rtol=args.rtol)
+                           atol=args.atol, rtol=args.rtol, **bounds)
     print(result.summary())
+    for note in notes if args.inputs is None else ():
+        print(f"note: {note}")
     if not result.passed:
         print("fffcompile verify: FAIL: the optimized model differs from the original with hardened decisions",
               file=sys.stderr)

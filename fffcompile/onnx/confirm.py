@@ -33,7 +33,9 @@ def confirm(index: GraphIndex, region: Region, spec: FFFSpec, sigmoids=(), seed:
     hardened with the spec's tie, or {name: tie}."""
     rank, d_in = x_layout(index.shape(region.x))
     model = index.submodel(region.nodes, region.inputs, [region.y])
-    if sigmoids:
+    if sigmoids and hasattr(model, "hardened"):     # a region bound to its traced shape (``traced_rows.Chunked``)
+        model = model.hardened(sigmoids, spec.tie)
+    elif sigmoids:
         model = harden_sigmoids(model, sigmoids, tie=spec.tie)
     try:
         model = make_session(model)

@@ -14,8 +14,8 @@ step n <- 2n + 1 + [z > 0]. Then either
 
 Reading the weights: the node table is the constant 2-D table gathered inside the region whose
 rows number 2^k - 1 (or, form B with P trees stored tree-major in one table, P (2^k - 1), each P a
-hypothesis) and whose width is d_in (node biases: a gathered 1-D table of that length,
-or none); the rest are the output / leaf tables. The activation acts on gathered values and is
+hypothesis) and whose width is d_in (node biases: a gathered table of one per node, (rows,) or
+(rows, 1), or none); the rest are the output / leaf tables. The activation acts on gathered values and is
 not one op: every activation fffcompile knows is a hypothesis. Each hypothesis is run through
 ``reference.hard`` on probe rows and kept only where it reproduces the region's own output (a
 form-B output bias is the constant difference); ``confirm`` then checks the survivor formally.
@@ -97,7 +97,8 @@ def extract_gathered_tree(index: GraphIndex, region: Region, tie: str, compariso
         rows = W.shape[0]
         n = rows // P
         no_leaf_tables = decisions and not any(t.shape[0] == n + 1 for t in tables if t is not W)
-        biases = [None] + [t for t in tables if t.ndim == 1 and t.shape[0] == rows]
+        # node biases: a table of one per node, (rows,) or (rows, 1) (fastfeedforward's node_biases)
+        biases = [None] + [t.reshape(rows) for t in tables if t.ndim <= 2 and t.shape[0] == rows and t.size == rows]
         rest = [t for t in tables if t is not W]
         for b, activation in itertools.product(biases, ACTIVATIONS):
             bias = np.zeros(rows) if b is None else b
@@ -125,7 +126,7 @@ def extract_gathered_tree(index: GraphIndex, region: Region, tie: str, compariso
                     found = _matches(spec, x, want, output_bias=False)
                     if found is not None:
                         yield found
-            for w1, b1, w2, b2 in leaf_hypotheses([t for t in rest if t.shape[0] == n + 1], d_in):
+            for w1, b1, w2, b2 in leaf_hypotheses([t for t in rest if t.shape[0] == n + 1], d_in, zero_b2=True):
                 spec = FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(W),
                                node_bias=to(bias), leaf_w1=to(w1), leaf_b1=to(b1),
                                leaf_w2=None if w2 is None else to(w2), leaf_b2=None if b2 is None else to(b2),

@@ -91,9 +91,10 @@ def _logit(index: GraphIndex, comparison: int) -> str:
     return node.input[0] if node.op_type in ("Greater", "GreaterOrEqual") else node.input[1]
 
 
-def leaf_hypotheses(tables: list[np.ndarray], d_in: int) -> list[tuple]:
+def leaf_hypotheses(tables: list[np.ndarray], d_in: int, zero_b2: bool = False) -> list[tuple]:
     """Every reading (w1, b1, w2, b2) of leaf tables (first dim 2^D) by their shapes: (L, d_in, l) or its
-    transpose is w1, (L, l) b1, (L, l, d_out) or its transpose w2, (L, d_out) b2 (None: linear leaves).
+    transpose is w1, (L, l) b1, (L, l, d_out) or its transpose w2, (L, d_out) b2 (with ``zero_b2``, zeros where no
+    such table is gathered: fastfeedforward's eval leaves; w2 and b2 None: linear leaves).
 
     A weight table may also be stored flat, one row per leaf, and viewed per row after the gather:
     (L, d_in * l) read as (L, d_in, l) or (L, l, d_in) transposed, (L, l * d_out) as (L, l, d_out) or
@@ -117,6 +118,8 @@ def leaf_hypotheses(tables: list[np.ndarray], d_in: int) -> list[tuple]:
                 if w2.shape[1] != width:
                     continue
                 b2s = [t for t in twos if t.shape[1] == w2.shape[2]]
+                if not b2s and zero_b2:
+                    b2s = [np.zeros((w2.shape[0], w2.shape[2]))]
                 hypotheses += [(w1, b1, w2, b2) for b1, b2 in itertools.product(b1s, b2s) if b1 is not b2]
     if hypotheses or threes:
         return hypotheses

@@ -173,16 +173,20 @@ def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
 
 def evaluate(model, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
     """Run ``model`` (a ModelProto or a ``make_session`` session) in ONNX Runtime; ``outputs`` by name."""
-    session = make_session(model) if isinstance(model, onnx.ModelProto) else model
+    session = make_session(model)
     return dict(zip(outputs, session.run(list(outputs), dict(feeds))))
 
 
 def make_session(model: onnx.ModelProto):
-    """A one-thread CPU session for probing a cut-out model."""
+    """A one-thread CPU session for probing a cut-out model (a cut-out that runs itself, ``traced_rows.Chunked``,
+    is returned as is)."""
     import onnxruntime as ort
 
+    if not isinstance(model, onnx.ModelProto):
+        return model
+
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4       # a probe that does not run is a reason, not an error to print
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     # ORT's graph optimizations would take the cut-out apart for nothing: probes run once.

@@ -8,7 +8,9 @@
 2. ``region``: the closed subgraph X -> Y around each candidate, smallest first;
 3. ``extract_leaf_tree`` / ``extract_neuron_tree`` / the hard extractors: the FFFSpec, weights read
    back by numbers (or, for gathered tables, read by structure and kept only where the numbers agree);
-4. ``confirm``: the cut-out region (sigmoids hardened) against ``reference.hard`` on probes;
+4. ``confirm``: the cut-out region (sigmoids hardened) against ``reference.hard`` on probes; a region that the
+   legacy exporter bound to its traced rows (an unrolled row loop, a constant of the traced shape) is read and
+   confirmed at that shape, N traced rows at a time (``traced_rows``), and its rewrite is batch-generic;
 5. rewrite: the region's nodes that depend on X are removed (and the constants only they read),
    one ``fff_node(spec, X, Y)`` takes their place with Y's name, so every consumer and the rest
    of the graph are untouched; ``insert_fff_nodes`` adds the functions, imports and IR version.
@@ -16,7 +18,8 @@
    blend s(k) stay as they are.
 6. with ``verify``: the whole rewritten model against the original with the rewritten FFFs'
    sigmoids hardened (exactness) and against the soft original (fidelity), in ONNX Runtime on
-   generated inputs or the user's; a failure raises ``VerificationError``.
+   generated inputs or the user's; a failure raises ``VerificationError``. Where a rewritten region was bound to
+   its traced rows, generated inputs give it those rows (the original is right nowhere else), and the report says so.
 
 Every candidate not rewritten is reported with its reason (``Report.left``), and so is a hard descent
 that gathers node weight rows before its dot product (``detect.row_gather_descents``). A float16 /
@@ -25,6 +28,7 @@ next to s(z) (log-sigmoid pairs of a log-space mixture) is hardened as 1 - [z >=
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -50,6 +54,7 @@ from .linear_chains import chain_ends, projected_tensors, static_tensors
 from .mixture_guard import router_sigmoids, soft_routers_mixing
 from .node import fff_node
 from .region import Region, candidate_regions
+from .traced_rows import TracedIndex, traced_indexes
 from .widen import NARROW, float32_twin, has_narrow_floats
 
 
@@ -61,6 +66,7 @@ class Found:
     comparison: object
     sigmoids: list[str]         # names of the router sigmoids (hardened to verify); [] for form B
     complements: tuple[str, ...] = ()   # sigmoids of -z for a router logit z (log-sigmoid pairs): 1 - p when hard
+    traced: Optional[tuple[int, ...]] = None    # the leading dims the region only runs at (``traced_rows``)
 
     def ties(self) -> dict[str, str]:
         """{sigmoid name: tie rule} that hardens this FFF: [z >= 0] for a router, [-z > 0] = 1 - [z >= 0] for a complement."""
@@ -88,7 +94,21 @@ def _name_anchors(model: onnx.ModelProto) -> None:
 def _try_region(index: GraphIndex, candidate: Candidate, region: Region,
                 previous: Optional[Found] = None) -> tuple[Optional[Found], list[str]]:
     """Extract and confirm; with ``previous`` (a confirmed region that ``region`` extends by layout ops
-    only) its spec is confirmed on the larger region without extracting again."""
+    only) its spec is confirmed on the larger region without extracting again. A region bound to the shape
+    it was traced with (``traced_rows``) is then tried at that shape, N traced rows at a time."""
+    found, reasons = _extract_and_confirm(index, candidate, region, previous)
+    if found is not None or previous is not None or isinstance(index, TracedIndex):
+        return found, reasons
+    for traced in traced_indexes(index, region):
+        found, _ = _extract_and_confirm(traced, candidate, region, None)
+        if found is not None:
+            found.traced = traced.lead
+            return found, []
+    return None, reasons
+
+
+def _extract_and_confirm(index: GraphIndex, candidate: Candidate, region: Region,
+                         previous: Optional[Found]) -> tuple[Optional[Found], list[str]]:
     reasons = []
     x_shape, y_shape = index.shape(region.x), index.shape(region.y)
     if x_shape is not None and y_shape is not None and len(x_shape) != len(y_shape):
@@ -370,6 +390,12 @@ def _inputs(node: onnx.NodeProto):
 def hardening_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str], list]:
     """For verifying a rewrite of ``model``: (a copy of model with its anchors named, {router sigmoid: tie},
     [(spec, input value)] for the near-tie checks) of every FFF the frontend confirms in it."""
+    return verification_of(model)[:3]
+
+
+def verification_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str], list, dict, list[str]]:
+    """``hardening_of``, then what generated inputs need where an FFF is bound to its traced rows
+    (``verify_models``' ``traced`` and ``bound_rows``), and the report's lines about it."""
     working = onnx.ModelProto()
     working.CopyFrom(model)
     working = _respell_softplus_routers(working)      # (router softplus read as log-sigmoids: hardenable)
@@ -377,7 +403,12 @@ def hardening_of(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str
     index = GraphIndex(working)
     found, _ = find_in_model(working, index)
     return (working, {name: tie for f in found for name, tie in f.ties().items()},
-            [(f.spec, f.region.x) for f in found])
+            [(f.spec, f.region.x) for f in found], _bounds(index, found), _traced_notes(found, "verified there"))
+
+
+def _traced_notes(found: list[Found], how: str) -> list[str]:
+    return [f"the original runs only at its traced shape {tuple(f.traced) + (f.spec.d_in,)} (at {f.region.x!r}): "
+            f"{how}; the rewritten node is batch-generic" for f in found if f.traced is not None]
 
 
 def _respell_softplus_routers(model: onnx.ModelProto, progress=None) -> onnx.ModelProto:
@@ -450,7 +481,7 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
         checks = [(f.spec, f.region.x) for f in found]
         try:
             result = verify_models(original, optimized, sigmoids=ties, inputs=inputs, tie_checks=checks, atol=atol,
-                                   rtol=rtol)
+                                   rtol=rtol, **_bounds(index, found))
         except InvalidModelError as error:
             if inputs is not None:
                 raise
@@ -460,11 +491,37 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
                     from error
             raise InvalidModelError(f"{error}; the check ran on generated inputs: pass real "
                                     f"inputs (--inputs data.npz) or skip the check (--no-verify)") from error
+        if inputs is None and not any(f.traced for f in found) and _off_default(original, result.inputs):
+            report.notes.append(f"the original does not run with its symbolic dims at 3: verified at input shapes "
+                                f"{result.inputs} (the rest of the model is bound to those sizes)")
         report.model_check = {f"exactness {k}": c for k, c in result.exactness.items()}
         report.model_check.update({f"fidelity {k}": c for k, c in (result.fidelity or {}).items()})
         if not result.passed:
             failed = "; ".join(f"output {k}: {c.summary()}" for k, c in result.exactness.items() if not c.passed)
             raise VerificationError(f"the rewritten model differs from the original with hardened decisions ({failed})",
                                     next(iter(result.exactness.values()), None))
+    report.notes += _traced_notes(found, ("verified there" if inputs is None else "verified on the given inputs")
+                                  if verify else "its FFF was confirmed there (the whole-model check was skipped)")
     report.notes.append(f"ONNX frontend: {time.perf_counter() - start:.2f} s")
     return optimized, report
+
+
+def _off_default(model: onnx.ModelProto, shapes: Mapping[str, tuple]) -> bool:
+    """Whether a symbolic input dim took a size other than 3 in ``shapes`` (the verification's input shapes)."""
+    for value in model.graph.input:
+        for d, n in zip(value.type.tensor_type.shape.dim, shapes.get(value.name, ())):
+            if not d.HasField("dim_value") and n != 3:
+                return True
+    return False
+
+
+def _bounds(index: GraphIndex, found: list[Found]) -> dict:
+    """``verify_models``' ``traced`` and ``bound_rows`` for the rewritten regions bound to their traced shape
+    (``traced_rows``): {symbolic dim: size} of their inputs' leading dims, as shape inference names the dims (a graph
+    input's own names where X is one), and {their input: its traced rows}."""
+    dims = {}
+    for f in found:
+        shape = index.shape(f.region.x) or []
+        if f.traced is not None and len(shape) == len(f.traced) + 1:
+            dims.update({d: n for d, n in zip(shape, f.traced) if isinstance(d, str)})
+    return {"traced": [dims] if dims else [], "bound_rows": {f.region.x: math.prod(f.traced) for f in found if f.traced}}

@@ -27,6 +27,7 @@ import onnx
 from .graph_index import SHAPE_OPS, GraphIndex
 
 MAX_CANDIDATE_OUTPUTS = 48
+MAX_DEFERRED_OUTPUTS = 256
 LAYOUT_VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 
 
@@ -123,7 +124,7 @@ def candidate_regions(index: GraphIndex, x: str, anchor_outputs: list[str],
                       other_uses: set[str] = frozenset()) -> Iterator[tuple[Region | None, str]]:
     """Closed regions whose output depends on every anchor (and, when given, on one of ``other_uses``: the leaves
     or the activation, so that a mixture of router outputs alone is no candidate), smallest first; a candidate
-    whose rank differs from x's is passed over."""
+    whose rank differs from x's is passed over; one whose shape is static where x's is not comes after the rest."""
     forward = index.forward_from(x)
     # the unflattened input first: a rewrite from it also takes the flattening and restoring reshapes
     entries = [(a, None) for a in layout_ancestors(index, x)][::-1] + [(x, forward)]
@@ -134,6 +135,10 @@ def candidate_regions(index: GraphIndex, x: str, anchor_outputs: list[str],
     for name in other_uses:
         masks[name] = masks.get(name, 0) | other
     ranks = {len(s) for s in (index.shape(e) for e, _ in entries) if s is not None}
+    # a value of static shape where x's is symbolic is tried after the others (a row of a loop that the exporter
+    # unrolled over the traced rows; or a region bound to its traced shape, ``traced_rows``), with its own budget
+    symbolic = any(not isinstance(d, int) for d in index.shape(x) or [1])
+    deferred: list[str] = []
     tried = 0
     for i in sorted(forward):
         node = index.nodes[i]
@@ -148,10 +153,15 @@ def candidate_regions(index: GraphIndex, x: str, anchor_outputs: list[str],
                 shape = index.shape(out)
                 if shape is not None and ranks and len(shape) not in ranks:
                     continue
+                if shape is not None and symbolic and all(isinstance(d, int) for d in shape):
+                    deferred.append(out)
+                    continue
                 tried += 1
                 if tried > MAX_CANDIDATE_OUTPUTS:
                     return
                 yield _first_closed(index, entries, out)
+    for out in deferred[:MAX_DEFERRED_OUTPUTS]:
+        yield _first_closed(index, entries, out)
 
 
 def _first_closed(index: GraphIndex, entries: list, y: str) -> tuple[Region | None, str]:

@@ -19,7 +19,10 @@ are excluded from outputs with the same number of rows, and counted.
 
 Generated inputs: float inputs are standard normal, integer inputs 0 or 1 (token ids in range
 for any vocabulary), bool inputs random; a symbolic dim takes ``dim_size`` (default 3, other
-than the sizes exporters trace with). Pass real data as ``.npz`` where it matters.
+than the sizes exporters trace with), or, where the original does not run there, a size it does run at
+(``runnable_inputs``: only sizes at which a rewritten region bound to its traced rows gets them; then
+``TRACED_SAMPLES`` independent samples at that shape are compared together). Pass real data as ``.npz``
+where it matters.
 """
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ def session(model: ModelLike, threads: int = 0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4       # a run that fails raises, with its message (no log line besides)
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -122,24 +125,77 @@ def generate_inputs(model: ModelLike, seed: int = 0, dim_size: int = 3,
 DIM_SIZES = (3, 1, 2, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32, 48, 64, 128)
 
 
-def runnable_inputs(model: ModelLike, seed: int = 0) -> dict[str, np.ndarray]:
+def runnable_inputs(model: ModelLike, seed: int = 0, traced: Sequence[Mapping[str, int]] = (),
+                    bound_rows: Optional[Mapping[str, int]] = None) -> dict[str, np.ndarray]:
     """Generated inputs the original runs on: symbolic dims at 3, else at the first size of ``DIM_SIZES`` that
-    ONNX Runtime accepts; raises the error of the size-3 try when none does."""
+    ONNX Runtime accepts, else at sizes read off the model's constants (``traced_dims``); raises the error of the
+    size-3 try when none does.
+
+    ``bound_rows``: {value inside the model: the rows it is bound to} for rewritten regions that run (or are
+    right) only at their traced shape: then only inputs at which every such value has those rows are taken,
+    tried first at ``traced`` ({symbolic dim: size}) and at the symbolic dims' sizes whose product is the rows."""
     model = _proto(model)
     if not any(d.dim_param or not d.HasField("dim_value") for v in model.graph.input
                for d in v.type.tensor_type.shape.dim):
         return generate_inputs(model, seed=seed)
     first_error = None
-    run_original = runner(model)
-    for size in DIM_SIZES:
-        feeds = generate_inputs(model, seed=seed, dim_size=size)
+    bound = dict(bound_rows or {})
+    run_original = runner(model, extra_outputs=list(bound))
+    tries = [(3, dims) for dims in [*traced, *_dims_with_rows(model, bound)]] if bound else []
+    tries += [(size, None) for size in DIM_SIZES] + [(3, dims) for dims in traced_dims(model)]
+    for size, dims in tries:
+        feeds = generate_inputs(model, seed=seed, dim_size=size, dims=dims)
         try:
-            run_original(feeds)
-            return feeds
+            values = run_original(feeds)
         except InvalidModelError as error:
             first_error = first_error or error
+            continue
+        if all(np.size(values[name]) // max(1, np.shape(values[name])[-1]) == rows for name, rows in bound.items()):
+            return feeds
+    if bound:
+        raise InvalidModelError(f"the original runs only at its traced shape ({bound} rows) and no generated input "
+                                f"reaches it; pass inputs of that shape (--inputs data.npz) or skip the whole-model "
+                                f"check (--no-verify)")
     raise InvalidModelError(f"{first_error}; the original itself runs with no common size of its symbolic dims "
-                            f"in {DIM_SIZES[0]}..{DIM_SIZES[-1]}") from first_error
+                            f"in {DIM_SIZES[0]}..{DIM_SIZES[-1]}, nor at sizes read off its constants") from first_error
+
+
+def _dims_with_rows(model: onnx.ModelProto, bound: Mapping[str, int]) -> list[dict[str, int]]:
+    """Sizes of the (first three) symbolic input dims whose product is the bound row count, every divisor split."""
+    names = list(dict.fromkeys(d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim
+                               if d.dim_param))[:3]
+    rows = next(iter(bound.values()), None)
+    if not names or rows is None:
+        return []
+    splits = [[rows]]
+    for _ in names[1:]:
+        splits = [s[:-1] + [a, s[-1] // a] for s in splits for a in range(1, s[-1] + 1) if s[-1] % a == 0]
+    splits.sort(key=lambda s: -min(s))          # the most even split first (a traced batch and sequence)
+    return [dict(zip(names, s)) for s in splits[:32]]
+
+
+def traced_dims(model: onnx.ModelProto, limit: int = 16) -> list[dict[str, int]]:
+    """Sizes of the symbolic input dims a legacy export may have baked into constants (an attention reshape's
+    ``[5, 6, 4]``): the leading values of small 1-D integer constants, taken by the symbolic dims in order."""
+    names = list(dict.fromkeys(d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim
+                               if d.dim_param))
+    if not names:
+        return []
+    values = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT64 and len(t.dims) == 1]
+    values += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+               if a.name == "value" and a.t.data_type == onnx.TensorProto.INT64 and len(a.t.dims) == 1]
+    out = []
+    for tensor in values:
+        if tensor.dims[0] > 8 or tensor.dims[0] < len(names):
+            continue
+        lead = [int(v) for v in onnx.numpy_helper.to_array(tensor)[:len(names)]]
+        if all(v >= 1 for v in lead) and lead != [1] * len(names):
+            candidate = dict(zip(names, lead))
+            if candidate not in out:
+                out.append(candidate)
+        if len(out) >= limit:
+            break
+    return out
 
 
 def load_inputs(npz_path: str, model: ModelLike) -> dict[str, np.ndarray]:
@@ -263,21 +319,29 @@ def compare_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarra
 def verify_models(original: ModelLike, optimized: ModelLike, *, sigmoids: Union[Sequence[str], Mapping[str, str]] = (),
                   tie: str = "ge", inputs: Union[None, str, Mapping[str, np.ndarray]] = None,
                   tie_checks: Sequence[tuple[FFFSpec, str]] = (), seed: int = 0, atol: Optional[float] = None,
-                  rtol: Optional[float] = None) -> ModelVerification:
-    """Exactness (and fidelity, for soft originals) of ``optimized`` against ``original``; see the module doc."""
+                  rtol: Optional[float] = None, traced: Sequence[Mapping[str, int]] = (),
+                  bound_rows: Optional[Mapping[str, int]] = None) -> ModelVerification:
+    """Exactness (and fidelity, for soft originals) of ``optimized`` against ``original``; see the module doc.
+    ``traced``, ``bound_rows``: what the original is bound to (``runnable_inputs``), for generated inputs."""
     original_proto = _proto(original)
     if inputs is None:
-        feeds = runnable_inputs(original_proto, seed=seed)
+        feeds = runnable_inputs(original_proto, seed=seed, traced=traced, bound_rows=bound_rows)
     elif isinstance(inputs, (str, os.PathLike)):
         feeds = load_inputs(os.fspath(inputs), original_proto)
     else:
         feeds = dict(inputs)
-    actual = run(optimized, feeds)
     hardened = harden_sigmoids(original_proto, sigmoids, tie=tie) if sigmoids else original
     extra = [name for _, name in tie_checks]
-    values = run(hardened, feeds, extra_outputs=extra)
-    exclude = _near_tie_rows(values, tie_checks) if tie_checks else None
     outputs = {o.name for o in original_proto.graph.output}
+    samples = [feeds]
+    if inputs is None and bound_rows:       # one traced shape: more rows from independent samples at that shape
+        samples += [_resample(feeds, seed + k) for k in range(1, TRACED_SAMPLES)]
+    runs = [(run(optimized, f), run(hardened, f, extra_outputs=extra)) for f in samples]
+    actual, values = _stacked([a for a, _ in runs]), _stacked([v for _, v in runs])
+    exclude = None
+    if tie_checks:
+        masks = [_near_tie_rows(v, tie_checks) for _, v in runs]
+        exclude = None if any(m is None for m in masks) else np.concatenate(masks)
     dtypes = {o.name: torch_dtype(o.type.tensor_type.elem_type) for o in original_proto.graph.output
               if o.type.tensor_type.elem_type in FLOAT_TYPES}
     narrow = [d for d in (torch.bfloat16, torch.float16) if any(spec.dtype == d for spec, _ in tie_checks)]
@@ -287,6 +351,24 @@ def verify_models(original: ModelLike, optimized: ModelLike, *, sigmoids: Union[
     exact = compare_outputs(expected, actual, atol, rtol, exclude, dtypes)
     fidelity = None
     if sigmoids:
-        soft = {k: v for k, v in run(original, feeds).items() if k in outputs}
+        soft = {k: v for k, v in _stacked([run(original, f) for f in samples]).items() if k in outputs}
         fidelity = compare_outputs(soft, actual, atol, rtol, dtypes=dtypes)
     return ModelVerification(exact, fidelity, {k: tuple(v.shape) for k, v in feeds.items()})
+
+
+# Independent generated samples compared where the original runs only at one traced shape (few rows each).
+TRACED_SAMPLES = 4
+
+
+def _resample(feeds: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """New standard normal values for the float inputs, at the same shapes; other inputs as they are."""
+    rng = np.random.default_rng(seed + 7919)
+    return {k: rng.standard_normal(v.shape).astype(v.dtype) if np.asarray(v).dtype.kind == "f" else v
+            for k, v in feeds.items()}
+
+
+def _stacked(results: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each output's values of several samples, concatenated along the first axis (one sample: as is)."""
+    if len(results) == 1:
+        return dict(results[0])
+    return {k: np.concatenate([np.atleast_1d(r[k]) for r in results]) for k in results[0]}
