@@ -31,13 +31,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .. import reference
 from ..spec import ACTIVATIONS, FFFSpec
 from .extract_computed_leaves import computed_leaves
 from .extract_leaf_tree import NotExtracted, input_dtypes
-from .extract_hard_leaf_tree import GATHERS, leaf_hypotheses
-from .graph_index import GraphIndex, evaluate, make_session
-from .probes import probe_shapes, x_layout
+from .extract_hard_leaf_tree import GATHERS, leaf_hypotheses, region_sample, reproduces
+from .graph_index import GraphIndex
+from .probes import x_layout
 from .region import Region
 
 
@@ -59,20 +58,6 @@ def tree_counts(rows: int) -> list[int]:
     return [P for P in range(1, rows + 1) if rows % P == 0 and (rows // P + 1) & (rows // P) == 0]
 
 
-def _matches(spec: FFFSpec, x: np.ndarray, want: torch.Tensor, output_bias: bool) -> FFFSpec | None:
-    got = reference.hard(spec, torch.from_numpy(x)).double()
-    if got.shape != want.shape:
-        return None
-    scale = 1e-4 * max(1.0, float(want.abs().max()))
-    if output_bias:      # form B without a gathered output bias: the constant difference is the bias
-        diff = (want - got).reshape(-1, want.shape[-1])
-        bias = diff.mean(0)
-        if not torch.allclose(diff, bias.expand_as(diff), rtol=0, atol=scale):
-            return None
-        return spec.replace(out_bias=bias.to(spec.node_weight.dtype))
-    return spec if torch.allclose(got, want, rtol=1e-4, atol=scale) else None
-
-
 def extract_gathered_tree(index: GraphIndex, region: Region, tie: str, comparisons: tuple[int, ...] = ()
                           ) -> Iterator[FFFSpec]:
     rank, d_in = x_layout(index.shape(region.x))
@@ -82,9 +67,7 @@ def extract_gathered_tree(index: GraphIndex, region: Region, tie: str, compariso
     if not node_tables:
         raise NotExtracted("no constant table of 2^k - 1 rows of width d_in is gathered by the descent")
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-    session = make_session(index.submodel(region.nodes, region.inputs, [region.y]))
-    x = np.random.default_rng(1).standard_normal(probe_shapes(rank, d_in)[1]).astype(np_dtype)
-    want = torch.from_numpy(np.asarray(evaluate(session, region.feed(index, x), [region.y])[region.y])).double()
+    x, want = region_sample(index, region, rank, d_in, np_dtype)
     decisions = [o for i in comparisons for o in index.nodes[i].output if o]
     readings = {}
 
@@ -111,7 +94,7 @@ def extract_gathered_tree(index: GraphIndex, region: Region, tie: str, compariso
                                node_weight=to(W.reshape(P, n, d_in)), node_bias=to(bias.reshape(P, n)),
                                out_weight=to(V.reshape(P, n, -1)), out_bias=to(np.zeros(V.shape[1])),
                                tie=tie, source="hard")
-                found = _matches(spec, x, want, output_bias=True)
+                found = reproduces(spec, x, want, output_bias=True)
                 if found is not None:
                     yield found
             if P != 1:
@@ -123,7 +106,7 @@ def extract_gathered_tree(index: GraphIndex, region: Region, tie: str, compariso
                     spec = FFFSpec(form="leaf_mlp", depth=depth, activation=act, node_weight=to(W), node_bias=to(bias),
                                    leaf_w1=to(w1), leaf_b1=to(b1), leaf_w2=None if w2 is None else to(w2),
                                    leaf_b2=None if b2 is None else to(b2), tie=tie, source="hard")
-                    found = _matches(spec, x, want, output_bias=False)
+                    found = reproduces(spec, x, want, output_bias=False)
                     if found is not None:
                         yield found
             for w1, b1, w2, b2 in leaf_hypotheses([t for t in rest if t.shape[0] == n + 1], d_in, zero_b2=True):
@@ -131,6 +114,6 @@ def extract_gathered_tree(index: GraphIndex, region: Region, tie: str, compariso
                                node_bias=to(bias), leaf_w1=to(w1), leaf_b1=to(b1),
                                leaf_w2=None if w2 is None else to(w2), leaf_b2=None if b2 is None else to(b2),
                                tie=tie, source="hard")
-                found = _matches(spec, x, want, output_bias=False)
+                found = reproduces(spec, x, want, output_bias=False)
                 if found is not None:
                     yield found

@@ -22,7 +22,7 @@ follow heap order: confirmation against ``reference.hard`` refuses them.
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -72,18 +72,38 @@ def extract_hard_leaf_tree(index: GraphIndex, region: Region, comparisons: list[
                           leaf_w1=to(w1), leaf_b1=to(b1), leaf_w2=None if w2 is None else to(w2),
                           leaf_b2=None if b2 is None else to(b2), tie=tie, source="hard")
         return
-    # the region's own output on probe rows, to pick the activation before the formal confirmation
-    session = make_session(index.submodel(region.nodes, region.inputs, [region.y]))
-    x = np.random.default_rng(1).standard_normal(probe_shapes(rank, d_in)[1]).astype(np_dtype)
-    want = torch.from_numpy(np.asarray(evaluate(session, region.feed(index, x), [region.y])[region.y])).double()
+    x, want = region_sample(index, region, rank, d_in, np_dtype)     # picks the activation before ``confirm``
     for w1, b1, w2, b2 in hypotheses:
         for activation in ACTIVATIONS:
             spec = FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(W.T), node_bias=to(b),
                            leaf_w1=to(w1), leaf_b1=to(b1), leaf_w2=None if w2 is None else to(w2),
                            leaf_b2=None if b2 is None else to(b2), tie=tie, source="hard")
-            got = reference.hard(spec, torch.from_numpy(x)).double()
-            if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(want.abs().max()))):
+            if reproduces(spec, x, want) is not None:
                 yield spec
+
+
+def region_sample(index: GraphIndex, region: Region, rank: int, d_in: int, np_dtype) -> tuple[np.ndarray, torch.Tensor]:
+    """Random probe rows x and the region's own output on them (float64): what a weight-table reading must
+    reproduce before it goes on to ``confirm``."""
+    session = make_session(index.submodel(region.nodes, region.inputs, [region.y]))
+    x = np.random.default_rng(1).standard_normal(probe_shapes(rank, d_in)[1]).astype(np_dtype)
+    return x, torch.from_numpy(np.asarray(evaluate(session, region.feed(index, x), [region.y])[region.y])).double()
+
+
+def reproduces(spec: FFFSpec, x: np.ndarray, want: torch.Tensor, output_bias: bool = False) -> Optional[FFFSpec]:
+    """``spec`` when ``reference.hard`` of it reproduces ``want`` on x (1e-4), else None; ``output_bias``: form B
+    whose output bias is not gathered: the constant difference is read as the bias."""
+    got = reference.hard(spec, torch.from_numpy(x)).double()
+    if got.shape != want.shape:
+        return None
+    scale = 1e-4 * max(1.0, float(want.abs().max()))
+    if output_bias:      # form B without a gathered output bias: the constant difference is the bias
+        diff = (want - got).reshape(-1, want.shape[-1])
+        bias = diff.mean(0)
+        if not torch.allclose(diff, bias.expand_as(diff), rtol=0, atol=scale):
+            return None
+        return spec.replace(out_bias=bias.to(spec.node_weight.dtype))
+    return spec if torch.allclose(got, want, rtol=1e-4, atol=scale) else None
 
 
 def _logit(index: GraphIndex, comparison: int) -> str:
