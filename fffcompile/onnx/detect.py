@@ -257,6 +257,28 @@ def row_gather_descents(index: GraphIndex, taken: set[int]) -> dict[str, list[in
     return out
 
 
+def _picks_leaf(index: GraphIndex, i: int, static: set[str], steps: int = 12) -> bool:
+    """Whether comparison ``i``'s decision becomes the index of a Gather of a constant table of 2 rows (through casts
+    and index arithmetic): a depth-1 hard tree gathers its one node's row by a constant index, its leaf by the
+    decision. (The first decision of a deeper tree indexes a table of 2^D - 1 node rows: not this.)"""
+    frontier, seen = [o for o in index.nodes[i].output if o], set()
+    while frontier and len(seen) < steps:
+        t = frontier.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for c in index.consumers.get(t, ()):
+            node = index.nodes[c]
+            if node.op_type in _GATHERS and t in node.input[1:]:
+                table = index.constant_value(node.input[0]) if node.input[0] in index.initializers else None
+                if table is not None and table.ndim >= 2 and table.shape[0] == 2:
+                    return True
+            elif node.op_type in ("Cast", "Add", "Sub", "Mul", "Where", "Squeeze", "Unsqueeze", "Reshape", "Not") \
+                    or node.op_type in _GATHERS and node.input[0] == t:     # (row r's index of an unrolled loop)
+                frontier.extend(o for o in node.output if o)
+    return False
+
+
 def _float_source(index: GraphIndex, a: str) -> str:
     """The tensor that ``a`` is a float cast of (a float16 layer comparing in float32), else ``a``."""
     cast = index.producer_node(a)
@@ -309,6 +331,9 @@ def find_candidates(index: GraphIndex) -> list[Candidate]:
                 gathered_groups.setdefault((gathered[0], tie), []).append((i, gathered[1], neuron))
             elif neuron is not None:
                 candidates.append(neuron)
+            elif _picks_leaf(index, i, static) and (x := trace_source(index, _float_source(index, a), static)):
+                # depth 1: the one node's logit, a plain projection, decides which leaf row is gathered
+                hard_groups.setdefault((_through_views(index, x, static), tie), []).append(i)
     for x, sigmoids in sigmoid_groups.items():
         logits = {i: signed_logits[i] for i in sigmoids if i in signed_logits}
         leaves = [i for i in sigmoids if i not in logits and leaf_activation(index, i, static)]

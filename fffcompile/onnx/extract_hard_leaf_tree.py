@@ -52,34 +52,38 @@ def extract_hard_leaf_tree(index: GraphIndex, region: Region, comparisons: list[
     if 2 ** depth - 1 != n_nodes:
         raise NotExtracted(f"{n_nodes} node logits is not 2^D - 1 for any depth D")
     leaves = 2 ** depth
-    tables = []
+    tables = {}             # by name: a loop unrolled over the rows gathers the same table once per row
     for i in sorted(region.x_nodes):
         node = index.nodes[i]
-        if node.op_type in GATHERS and node.input[0] in index.constant and node.input[0] != z:
+        if node.op_type in GATHERS and node.input[0] in index.constant and node.input[0] not in (z, *tables):
             value = index.constant_value(node.input[0])
             if value is not None and value.ndim in (2, 3) and value.shape[0] == leaves:
-                tables.append(value.astype(np.float64))
+                tables[node.input[0]] = value.astype(np.float64)
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-    hypotheses = leaf_hypotheses(tables, d_in)
-    if not hypotheses:      # every leaf computed, the reached one picked: read the leaves by numbers
-        decisions = [o for i in comparisons for o in index.nodes[i].output if o]
-        readings = list(computed_leaves(index, region, decisions, depth, np_dtype, exclude=(z,)))
-        if not readings:
-            raise NotExtracted("no leaf weight tables of 2^D rows are gathered by the descent, and no leaf "
-                               "computed from its input is picked by it")
-        for activation, w1, b1, w2, b2 in readings:
-            yield FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(W.T), node_bias=to(b),
-                          leaf_w1=to(w1), leaf_b1=to(b1), leaf_w2=None if w2 is None else to(w2),
-                          leaf_b2=None if b2 is None else to(b2), tie=tie, source="hard")
-        return
-    x, want = region_sample(index, region, rank, d_in, np_dtype)     # picks the activation before ``confirm``
+    hypotheses = leaf_hypotheses(list(tables.values()), d_in, zero_b2=True)
+    reproduced = False
+    if hypotheses:
+        x, want = region_sample(index, region, rank, d_in, np_dtype)     # picks the activation before ``confirm``
     for w1, b1, w2, b2 in hypotheses:
         for activation in ACTIVATIONS:
             spec = FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(W.T), node_bias=to(b),
                            leaf_w1=to(w1), leaf_b1=to(b1), leaf_w2=None if w2 is None else to(w2),
                            leaf_b2=None if b2 is None else to(b2), tie=tie, source="hard")
             if reproduces(spec, x, want) is not None:
+                reproduced = True
                 yield spec
+    if reproduced:
+        return
+    # every leaf computed, the reached one picked: read the leaves by numbers
+    decisions = [o for i in comparisons for o in index.nodes[i].output if o]
+    readings = list(computed_leaves(index, region, decisions, depth, np_dtype, exclude=(z,)))
+    if not readings:
+        raise NotExtracted("no reading of the leaf weight tables of 2^D rows gathered by the descent reproduces it, "
+                           "and no leaf computed from its input is picked by it")
+    for activation, w1, b1, w2, b2 in readings:
+        yield FFFSpec(form="leaf_mlp", depth=depth, activation=activation, node_weight=to(W.T), node_bias=to(b),
+                      leaf_w1=to(w1), leaf_b1=to(b1), leaf_w2=None if w2 is None else to(w2),
+                      leaf_b2=None if b2 is None else to(b2), tie=tie, source="hard")
 
 
 def region_sample(index: GraphIndex, region: Region, rank: int, d_in: int, np_dtype) -> tuple[np.ndarray, torch.Tensor]:
