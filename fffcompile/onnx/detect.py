@@ -17,7 +17,9 @@
   gathers by a data-dependent index (``extract_gathered_tree``; forms A and B).
 - Form A, hard (a descent written with gathers): comparisons with 0 of a logit *picked* by a
   data-dependent Gather/GatherElements/GatherND from a projection of X (every node's logit);
-  all such comparisons of one X form one candidate ("H").
+  all such comparisons of one X form one candidate ("H"). At depth 1 the one node's logit is a plain
+  projection (its row gathered by a constant index): a comparison of it whose decision indexes a
+  constant table of 2 rows (the leaves) is an "H" anchor too (``_picks_leaf``).
 
 Two soft trees routing the same X land in one sigmoid group; when that group is not confirmed,
 ``split_by_outputs`` splits it where its sigmoids meet last downstream (the sum or product of the
