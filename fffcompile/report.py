@@ -86,10 +86,11 @@ class Report:
     left: list[Left] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     model_check: Optional[dict[str, Comparison]] = None   # whole-model comparisons by name
+    retargeted: int = 0       # fffcompile nodes already in an ONNX model whose target attributes were set
 
     @property
     def changed(self) -> bool:
-        return bool(self.rewritten)
+        return bool(self.rewritten or self.retargeted)
 
     @property
     def warnings(self) -> list[str]:
@@ -105,7 +106,7 @@ class Report:
                 return [plain(v) for v in value]
             return value
         return plain({"rewritten": self.rewritten, "left": self.left, "notes": self.notes,
-                      "model_check": self.model_check})
+                      "model_check": self.model_check, "retargeted": self.retargeted})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -123,6 +124,8 @@ class Report:
                              f"{r.speedup_bound:.0f}x"))
             lines.append(f"rewritten: {len(self.rewritten)} FFF layer(s) to the fused descent op")
             lines += _table(rows)
+        elif self.retargeted:
+            lines.append(f"rewritten: nothing new ({self.retargeted} fffcompile node(s) already in the model, retargeted)")
         else:
             lines.append("rewritten: nothing (the model is returned unchanged)")
         for r in self.rewritten:

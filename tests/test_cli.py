@@ -91,6 +91,32 @@ def test_nothing_to_rewrite_is_copied_through(tmp_path, capsys):
     assert [n.op_type for n in onnx.load(str(out)).graph.node] == [n.op_type for n in onnx.load(src).graph.node]
 
 
+def test_an_exported_file_is_retargeted_not_rewritten_again(tmp_path, capsys):
+    """Exporting fffcompile's own output again finds no new FFF: the same target copies it through; the other target
+    sets (trt) or removes (onnx) the plugin attributes of its nodes and changes nothing else."""
+    first = tmp_path / "m.onnx"
+    assert cli(capsys, "export", F.exported("stack", "dynamo"), "-o", str(first))[0] == 0
+    code, stdout, _ = cli(capsys, "export", str(first), "-o", str(tmp_path / "same.onnx"))
+    assert code == 0 and "copied through unchanged" in stdout
+    x = np.random.default_rng(2).standard_normal((2, 5, 8)).astype(np.float32)
+    name = onnx.load(str(first)).graph.input[0].name
+    want = next(iter(run(str(first), {name: x}).values()))
+    previous = first
+    for target in ("trt", "onnx"):
+        out = tmp_path / f"again.{target}.onnx"
+        code, stdout, err = cli(capsys, "export", str(previous), "--target", target, "-o", str(out))
+        assert code == 0, err
+        assert "rewritten: nothing new (3 fffcompile node(s) already in the model, retargeted)" in stdout
+        assert f"now target {target!r}" in stdout and f"wrote {out}" in stdout
+        model = onnx.load(str(out))
+        onnx.checker.check_model(model)
+        nodes = [n for n in model.graph.node if is_fff_node(n)]
+        assert len(nodes) == 3 and all((attribute(n, "plugin_namespace") is not None) == (target == "trt") for n in nodes)
+        assert [n.op_type for n in model.graph.node] == [n.op_type for n in onnx.load(str(first)).graph.node]
+        np.testing.assert_array_equal(next(iter(run(str(out), {name: x}).values())), want)
+        previous = out
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "not_onnx", "directory", "unknown_target",
                                   "no_output_dir", "engine_without_trt", "bad_npz", "missing_external_data",
                                   "truncated_external_data"])

@@ -41,9 +41,9 @@ import onnx
 from ..errors import InvalidModelError, VerificationError
 from ..report import Left, Report, Rewritten
 from ..spec import FFFSpec
-from .attach import insert_fff_nodes, raise_opset
+from .attach import attach_functions, insert_fff_nodes, raise_opset
 from .confirm import confirm
-from .contract import check_target, onnx_dtype
+from .contract import attribute, check_target, is_fff_node, onnx_dtype
 from .detect import Candidate, find_candidates, row_gather_descents, scaled_routers, split_by_outputs
 from .extract_leaf_tree import NotExtracted, extract_leaf_tree
 from .extract_hard_leaf_tree import extract_hard_leaf_tree
@@ -450,10 +450,17 @@ def optimize_onnx(model: onnx.ModelProto, target: str = "onnx", *, verify: bool 
     found, left = find_in_model(working, index, progress)
     report = Report(left=left)
     if not found:
-        report.notes.append("no FFF layer was found to rewrite; the model is unchanged")
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        return copy, report
+        stale = [n for n in copy.graph.node if is_fff_node(n) and
+                 (attribute(n, "plugin_namespace") is not None) != (target == "trt")]
+        if not stale:
+            report.notes.append("no FFF layer was found to rewrite; the model is unchanged")
+            return copy, report
+        report.retargeted = sum(is_fff_node(n) for n in copy.graph.node)     # an earlier export, for another target
+        report.notes.append(f"no new FFF layer to rewrite; the model's {report.retargeted} fffcompile node(s) now "
+                            f"target {target!r} (plugin attributes {'set' if target == 'trt' else 'removed'})")
+        return attach_functions(copy, target), report
     _log(progress, f"rewriting {len(found)} FFF layer(s)")
     optimized = rewrite(working, index, found, target)
     try:
