@@ -272,8 +272,8 @@ def _picks_leaf(index: GraphIndex, i: int, static: set[str], steps: int = 12) ->
         for c in index.consumers.get(t, ()):
             node = index.nodes[c]
             if node.op_type in _GATHERS and t in node.input[1:]:
-                table = index.constant_value(node.input[0]) if node.input[0] in index.initializers else None
-                if table is not None and table.ndim >= 2 and table.shape[0] == 2:
+                table = index.initializers.get(node.input[0])     # its shape only: no copy of the weights
+                if table is not None and len(table.dims) >= 2 and table.dims[0] == 2:
                     return True
             elif node.op_type in ("Cast", "Add", "Sub", "Mul", "Where", "Squeeze", "Unsqueeze", "Reshape", "Not") \
                     or node.op_type in _GATHERS and node.input[0] == t:     # (row r's index of an unrolled loop)

@@ -50,8 +50,16 @@ MAX_LEADS = 8
 ROW_INDEX_OPS = ("Gather", "ScatterND", "ScatterElements", "GatherND")
 
 
-def _np_dtype(index: GraphIndex, name: str):
-    return onnx.helper.tensor_dtype_to_np_dtype(index.elem_type(name) or onnx.TensorProto.FLOAT)
+def _sample(index: GraphIndex, region: Region, lead: tuple[int, ...], d_in: int, seed: int) -> np.ndarray:
+    """Standard normal rows for X at ``lead``, in X's element type."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(index.elem_type(region.x) or onnx.TensorProto.FLOAT)
+    return np.random.default_rng(seed).standard_normal(lead + (d_in,)).astype(dtype)
+
+
+def _same(got: np.ndarray, want: np.ndarray) -> bool:
+    """Equal to 1e-5, relative to the larger of 1 and ``want``'s largest magnitude."""
+    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
+    return bool(np.allclose(got.astype(np.float64), want.astype(np.float64), rtol=1e-5, atol=1e-5 * scale))
 
 
 def _repeats(session, index: GraphIndex, region: Region, lead: tuple[int, ...], d_in: int,
@@ -65,7 +73,7 @@ def _repeats(session, index: GraphIndex, region: Region, lead: tuple[int, ...], 
 
 def _repeats_once(session, index: GraphIndex, region: Region, lead: tuple[int, ...], d_in: int, seed: int
                   ) -> Optional[bool]:
-    x = np.random.default_rng(seed).standard_normal(lead + (d_in,)).astype(_np_dtype(index, region.x))
+    x = _sample(index, region, lead, d_in, seed)
     try:
         y = np.asarray(session.run([region.y], region.feed(index, x))[0])
     except Exception:
@@ -76,15 +84,13 @@ def _repeats_once(session, index: GraphIndex, region: Region, lead: tuple[int, .
         return False
     if yy.shape[1:] != y.shape[1:] or yy.shape[0] != 2 * y.shape[0]:
         return False
-    scale = max(1.0, float(np.abs(y).max())) if y.size else 1.0
-    return bool(np.allclose(yy.astype(np.float64), np.concatenate([y, y]).astype(np.float64), rtol=1e-5,
-                            atol=1e-5 * scale))
+    return _same(yy, np.concatenate([y, y]))
 
 
 def _row_local(session, index: GraphIndex, region: Region, lead: tuple[int, ...], d_in: int, seed: int) -> bool:
     """Whether the region runs at ``lead`` and reversing its input rows reverses its output rows (every row
     computed from its own input: an unrolled loop over fewer rows than ``lead`` leaves the rest unwritten)."""
-    x = np.random.default_rng(seed).standard_normal(lead + (d_in,)).astype(_np_dtype(index, region.x))
+    x = _sample(index, region, lead, d_in, seed)
     flip = x.reshape(-1, d_in)[::-1].reshape(x.shape)
     try:
         y, yf = (np.asarray(session.run([region.y], region.feed(index, v))[0]).astype(np.float64) for v in (x, flip))
@@ -92,8 +98,7 @@ def _row_local(session, index: GraphIndex, region: Region, lead: tuple[int, ...]
         y, yf = columns(y, n), columns(yf, n)
     except Exception:
         return False
-    scale = max(1.0, float(np.abs(y).max())) if y.size else 1.0
-    return bool(np.allclose(yf[::-1], y, rtol=1e-5, atol=1e-5 * scale))
+    return _same(yf[::-1], y)
 
 
 def is_baked(index: GraphIndex, region: Region) -> Optional[object]:
@@ -166,7 +171,7 @@ def value_layouts(index: GraphIndex, region: Region, lead: tuple[int, ...]) -> d
     rank, d_in = x_layout(index.shape(region.x))
     names = [o for i in sorted(region.x_nodes) for o in index.nodes[i].output if o]
     model = index.submodel(region.nodes, region.inputs, names)
-    x = np.random.default_rng(5).standard_normal(lead + (d_in,)).astype(_np_dtype(index, region.x))
+    x = _sample(index, region, lead, d_in, seed=5)
     values = make_session(model).run(names, region.feed(index, x))
     return {region.x: lead + (d_in,), **{n: tuple(np.shape(v)) for n, v in zip(names, values)}}
 

@@ -160,10 +160,15 @@ def runnable_inputs(model: ModelLike, seed: int = 0, traced: Sequence[Mapping[st
                             f"in {DIM_SIZES[0]}..{DIM_SIZES[-1]}, nor at sizes read off its constants") from first_error
 
 
+def _symbolic_dims(model: onnx.ModelProto) -> list[str]:
+    """The named symbolic dims of the model's inputs, in order of first appearance."""
+    return list(dict.fromkeys(d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim
+                              if d.dim_param))
+
+
 def _dims_with_rows(model: onnx.ModelProto, bound: Mapping[str, int]) -> list[dict[str, int]]:
     """Sizes of the (first three) symbolic input dims whose product is the bound row count, every divisor split."""
-    names = list(dict.fromkeys(d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim
-                               if d.dim_param))[:3]
+    names = _symbolic_dims(model)[:3]
     rows = next(iter(bound.values()), None)
     if not names or rows is None:
         return []
@@ -177,8 +182,7 @@ def _dims_with_rows(model: onnx.ModelProto, bound: Mapping[str, int]) -> list[di
 def traced_dims(model: onnx.ModelProto, limit: int = 16) -> list[dict[str, int]]:
     """Sizes of the symbolic input dims a legacy export may have baked into constants (an attention reshape's
     ``[5, 6, 4]``): the leading values of small 1-D integer constants, taken by the symbolic dims in order."""
-    names = list(dict.fromkeys(d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim
-                               if d.dim_param))
+    names = _symbolic_dims(model)
     if not names:
         return []
     values = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT64 and len(t.dims) == 1]
