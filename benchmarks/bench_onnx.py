@@ -17,7 +17,11 @@ default, sequential execution) on the same inputs, interleaved, ``--rounds`` rou
 reports the median round's time per call (the machine is shared and noisy: the median of interleaved
 rounds, not the best) and the ratios soft/fffcompile and dense/fffcompile.
 
-    python benchmarks/bench_onnx.py [--batches 1 128 4096] [--threads 1] [--rounds 15] [--frontend]
+With ``--overhead``, where batch 1 goes: the fffcompile file's node count after ONNX Runtime's own
+optimizations, and, in the same interleaved rounds at batch 1, an empty one-node (Identity) model and
+chains of 20 and 60 Relu nodes; the per-node cost is the slope between the two chains.
+
+    python benchmarks/bench_onnx.py [--batches 1 128 4096] [--threads 1] [--rounds 15] [--frontend] [--overhead]
 """
 from __future__ import annotations
 
@@ -81,6 +85,26 @@ def session(path: str, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+def relu_chain(width: int, nodes: int, path: str) -> str:
+    """A model of ``nodes`` Relu nodes in a row on a (batch, width) input (an Identity for 0)."""
+    names = ["x"] + [f"r{k}" for k in range(nodes - 1)] + ["y"]
+    ops = [helper.make_node("Relu", [a], [b]) for a, b in zip(names, names[1:])] if nodes else \
+        [helper.make_node("Identity", ["x"], ["y"])]
+    graph = helper.make_graph(ops, "chain", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", width])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def runtime_nodes(path: str, workdir: str) -> int:
+    """The nodes ONNX Runtime runs for ``path`` (functions inlined, constants folded, its own fusions)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = os.path.join(workdir, "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return len(onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
+
+
 def time_call(s: ort.InferenceSession, feed: dict, budget: float) -> float:
     """Seconds per call: as many calls as fit in ``budget`` seconds (at least 1), after one warm-up call."""
     s.run(None, feed)
@@ -105,6 +129,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frontend", action="store_true",
                         help="build the fffcompile file with the ONNX frontend from the soft file (as fffcompile export does)")
+    parser.add_argument("--overhead", action="store_true",
+                        help="also measure where batch 1 goes: the file's node count in ONNX Runtime, an empty model's "
+                             "call and the cost of a node (chains of 20 and 60 Relu nodes)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -117,6 +144,10 @@ def main(argv=None) -> int:
         files = {"fffcompile": frontend_file(files["soft"], target) if args.frontend else rewritten_file(soft.spec(), target),
                  **files}
         sessions = {name: session(path, args.threads) for name, path in files.items()}
+        if args.overhead:
+            nodes = runtime_nodes(target, workdir)
+            chains = {n: session(relu_chain(args.width, n, os.path.join(workdir, f"chain{n}.onnx")), args.threads)
+                      for n in (0, 20, 60)}
 
     rng = np.random.default_rng(args.seed)
     check = {"x": rng.standard_normal((256, args.width)).astype(np.float32)}
@@ -139,6 +170,16 @@ def main(argv=None) -> int:
         f, s_, d = (statistics.median(times[name]) for name in ("fffcompile", "soft", "dense"))
         print(f"{batch:>6} {f * 1e6:>10.1f}us {s_ * 1e6:>10.1f}us {d * 1e6:>10.1f}us {s_ / f:>8.1f}x {d / f:>9.1f}x",
               flush=True)
+    if args.overhead:
+        feed = {"x": rng.standard_normal((1, args.width)).astype(np.float32)}
+        times = {n: [] for n in chains}
+        for _ in range(args.rounds):
+            for n, s in chains.items():
+                times[n].append(time_call(s, feed, args.budget))
+        t = {n: statistics.median(v) for n, v in times.items()}
+        print(f"batch 1, where it goes: the fffcompile file runs {nodes} nodes in ONNX Runtime; an empty model "
+              f"(one Identity) {t[0] * 1e6:.1f}us a call; a Relu node {(t[60] - t[20]) / 40 * 1e6:.2f}us "
+              f"(chains of 20 and 60: {t[20] * 1e6:.1f}us, {t[60] * 1e6:.1f}us)")
     return 0
 
 
